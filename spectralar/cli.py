@@ -1,0 +1,102 @@
+"""One CLI for both orchestrators: ``python -m spectralar <stage> --params params.yaml [paths...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from spectralar.config import ConfigError, Params, load_params
+from spectralar.io import write_json
+from spectralar.log import get_logger, setup_logging
+from spectralar.stages import STAGES, load_stage
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` gets: typed params, parsed paths, a tracker and a logger."""
+
+    name: str
+    params: Params
+    args: argparse.Namespace
+    sections: tuple[str, ...]
+    tracker: Any
+    log: logging.Logger
+
+    def write_config(self, directory: str | Path, **derived: Any) -> None:
+        """The resolved config beside a stage's outputs (sections used + derived values)."""
+        write_json(Path(directory) / "config.json", {
+            "stage": self.name,
+            "params_file": self.params.path,
+            "params": self.params.subset(self.sections),
+            "derived": derived,
+        })
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spectralar", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name in STAGES:
+        module = load_stage(name)
+        stage_parser = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        stage_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        stage_parser.add_argument("--metrics", default=f"metrics/{name}.json", help="metrics JSON output")
+        module.add_arguments(stage_parser)
+    return parser
+
+
+def run_stage(name: str, args: argparse.Namespace) -> dict:
+    from spectralar.tracking import StageRun
+
+    log = get_logger(name)
+    module = load_stage(name)
+    params = load_params(args.params)
+    sections: tuple[str, ...] = tuple(module.SECTIONS)
+    seed_everything(params.run.seed)
+    start = time.perf_counter()
+    with StageRun(params.tracking, name, params=params.subset(sections),
+                  params_hash=params.digest(sections)) as tracker:
+        ctx = StageContext(name, params, args, sections, tracker, log)
+        metrics = dict(module.run(ctx))
+        metrics["stage_seconds"] = round(time.perf_counter() - start, 3)
+        write_json(args.metrics, metrics)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(args.metrics)
+    log.info("%s done in %.1f s; metrics in %s", name, metrics["stage_seconds"], args.metrics)
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        run_stage(args.stage, args)
+    except ConfigError as err:
+        get_logger().error("bad params: %s", err)
+        return 2
+    except FileNotFoundError as err:
+        get_logger().error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

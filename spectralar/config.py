@@ -1,0 +1,237 @@
+"""params.yaml -> typed, frozen config objects.
+
+Every section of params.yaml is a frozen dataclass. Loading is strict: an unknown key, a missing
+key or a wrong type stops the stage before any work, with the key's full path in the message
+(``train_tokenizer.lr: expected float, got 'fast'``). Defaults on the dataclasses exist for code
+(tests, notebooks); params files must still spell every key out, so a params file is a complete
+record of a run.
+
+Model modules define their own config dataclasses (``ProxyConfig``, ``TokenizerConfig`` ...);
+this module only knows how to build any such dataclass from YAML and which section maps to which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the schema. The message starts with the key path."""
+
+
+# --------------------------------------------------------------------------------------------
+# Generic strict dataclass builder
+# --------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
+        else:
+            inner = args[0] if args else Any
+            items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads ``1e-4`` as a string (YAML 1.1); accept numeric strings of that form only.
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected float, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected float, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {_type_name(tp)}")
+
+
+def build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly (every field present, no extras)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(names))})")
+    missing = [f.name for f in fields if f.name not in data]
+    if missing:
+        raise ConfigError(f"{path}.{missing[0]}: missing key")
+    kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{path}.{f.name}") for f in fields}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:  # the dataclass's own validation
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON/YAML-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    # ImageNet ILSVRC-2012 root (train/<wnid>/*.JPEG, val/ as class folders or flat + LOC_val_solution.csv)
+    # or any class-per-folder tree.
+    imagefolder_root: str = ""
+    resolution: int = 32  # Fashion-MNIST: 28x28 placed in a resolution x resolution frame
+    workers: int = 2
+    shard_size: int = 10000  # images per shard
+    shard_format: Literal["raw", "jpeg"] = "raw"  # raw uint8 arrays, or JPEG bytes (ImageNet)
+    jpeg_quality: int = 95
+    min_image_size: int = 8  # imagefolder: smaller sides are skipped (listed in the manifest)
+    max_images_per_class: Optional[int] = None  # subset for quick runs; None = everything
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1 or self.workers < 1 or self.shard_size < 1:
+            raise ValueError("resolution, workers and shard_size must be positive")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"  # relative to the repository root (the stages' working dir)
+    experiment: str = "spectralar"
+    log_checkpoints: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# The params file
+# --------------------------------------------------------------------------------------------
+
+# Section name -> dataclass, or "module:Class" resolved on first use (model configs live beside
+# their models). Adding a stage = one module, one entry here if it has its own section, one entry
+# in spectralar.stages.STAGES, one dvc.yaml stage and one Snakemake rule.
+SECTIONS: dict[str, type | str] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def section_class(name: str) -> type:
+    target = SECTIONS[name]
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module_name), attr)
+        SECTIONS[name] = target
+    return target
+
+
+@dataclass(frozen=True)
+class Params:
+    """All sections of one params file, typed. ``sections[name]`` is a frozen dataclass."""
+
+    path: str
+    sections: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["sections"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def subset(self, names: tuple[str, ...]) -> dict[str, Any]:
+        return {n: to_dict(self.sections[n]) for n in names}
+
+    def digest(self, names: tuple[str, ...]) -> str:
+        """Content hash of the given sections (tags MLflow runs; order-independent)."""
+        blob = json.dumps(self.subset(names), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a whole params file. Raises ConfigError with the key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (allowed: {', '.join(sorted(SECTIONS))})")
+    missing = sorted(set(SECTIONS) - set(raw))
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing section")
+    sections = {name: build(section_class(name), raw[name], name) for name in SECTIONS}
+    return Params(path=str(path), sections=sections)

@@ -1,0 +1,129 @@
+"""Prepared-dataset format: image shards plus one manifest.
+
+Layout of a prepared dataset directory::
+
+    manifest.json                 classes, image shape, counts, checksums, skipped files
+    train/shard-00000.npy         raw:  uint8 (n, H, W, C), memory-mapped on read
+    train/shard-00000.bin         jpeg: concatenated JPEG files ...
+    train/shard-00000.offsets.npy       ... and int64 (n + 1,) byte offsets into it
+    train/shard-00000.labels.npy  int16 (n,) class indices
+    val/...
+
+Raw shards stream at memory speed; JPEG shards (ImageNet: 1.28M images at 256 px, about 30 KB
+each at quality 95, i.e. ~40 GB instead of 252 GB raw) decode at the rate measured in the README.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from spectralar.io import read_json
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    stem: str  # e.g. "train/shard-00000", relative to the dataset root
+    count: int
+    sha256: str
+
+
+def decode_jpeg(data: bytes | memoryview, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB" if channels == 3 else "L")
+        array = np.asarray(image, dtype=np.uint8)
+    return array if array.ndim == 3 else array[:, :, None]
+
+
+class ImageShards:
+    """Random and sequential access to one split of a prepared dataset.
+
+    ``images(indices)`` returns uint8 (n, H, W, C); ``labels`` is an int64 array of all labels.
+    """
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{manifest_path} not found: run the `prepare` stage first (python -m spectralar prepare)"
+            )
+        self.manifest = read_json(manifest_path)
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"split {split!r} not in {manifest_path} (has {sorted(self.manifest['splits'])})")
+        self.split = split
+        self.format: str = self.manifest["format"]
+        self.image_shape: tuple[int, int, int] = tuple(self.manifest["image_shape"])  # (H, W, C)
+        self.class_names: list[str] = list(self.manifest["class_names"])
+        entry = self.manifest["splits"][split]
+        self.shards = [ShardInfo(**s) for s in entry["shards"]]
+        counts = np.array([s.count for s in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.labels = (
+            np.concatenate([np.load(self.root / f"{s.stem}.labels.npy") for s in self.shards]).astype(np.int64)
+            if self.shards else np.zeros(0, dtype=np.int64)
+        )
+        self._cache: dict[int, tuple[np.ndarray, Optional[np.ndarray]]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _shard(self, k: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        if k not in self._cache:
+            stem = self.root / self.shards[k].stem
+            if self.format == "raw":
+                self._cache[k] = (np.load(f"{stem}.npy", mmap_mode="r"), None)
+            else:
+                blob = np.memmap(f"{stem}.bin", dtype=np.uint8, mode="r")
+                self._cache[k] = (blob, np.load(f"{stem}.offsets.npy"))
+        return self._cache[k]
+
+    def _image(self, index: int) -> np.ndarray:
+        k = int(np.searchsorted(self._starts, index, side="right") - 1)
+        local = index - int(self._starts[k])
+        data, offsets = self._shard(k)
+        if offsets is None:
+            return np.asarray(data[local])
+        return decode_jpeg(memoryview(data[offsets[local]:offsets[local + 1]]), self.image_shape[2])
+
+    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 (n, H, W, C) for the given indices (any order)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"index out of range for split {self.split!r} of size {len(self)}")
+        out = np.empty((len(indices), *self.image_shape), dtype=np.uint8)
+        if self.format == "raw" and len(indices) and np.all(np.diff(indices) == 1):
+            self._copy_range(int(indices[0]), int(indices[-1]) + 1, out)
+            return out
+        for row, index in enumerate(indices):
+            out[row] = self._image(int(index))
+        return out
+
+    def _copy_range(self, start: int, stop: int, out: np.ndarray) -> None:
+        row = 0
+        while start < stop:
+            k = int(np.searchsorted(self._starts, start, side="right") - 1)
+            local = start - int(self._starts[k])
+            take = min(stop - start, int(self._starts[k + 1]) - start)
+            out[row:row + take] = self._shard(k)[0][local:local + take]
+            row, start = row + take, start + take
+
+    def load_all(self) -> np.ndarray:
+        return self.images(np.arange(len(self)))
+
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(self), batch_size):
+            index = np.arange(start, min(start + batch_size, len(self)))
+            yield self.images(index), self.labels[index]

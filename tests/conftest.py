@@ -1,0 +1,68 @@
+"""Shared fixtures: the repository root, params files with overrides, tiny datasets."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_by_default(monkeypatch):
+    """Tests do not write to the repository's mlflow.db; tracking tests opt back in."""
+    monkeypatch.setenv("SPECTRALAR_TRACKING", "0")
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    """params.yaml with ``{"section.key": value}`` overrides, written to ``path``."""
+    params = default_params()
+    for dotted, value in (overrides or {}).items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.GzipFile(path, "wb", mtime=0) as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_dir(root: Path, n_train: int = 60, n_val: int = 20, seed: int = 0) -> Path:
+    """Idx files in Debian's layout with class-dependent synthetic 28x28 images."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, label in enumerate(labels):  # a class-dependent bright bar, so classes differ
+            images[i, 4 + 2 * label: 8 + 2 * label, 4:24] = 200
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images, 2051)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels, 2049)
+    return root
+
+
+@pytest.fixture
+def fashion_dir(tmp_path) -> Path:
+    return make_fashion_dir(tmp_path / "fashion")

@@ -1,0 +1,15 @@
+rule prepare:
+    input:
+        "spectralar/stages/prepare.py",
+        "spectralar/data",
+    output:
+        directory("data/prepared"),
+        metrics="metrics/prepare.json",
+    params:
+        sections=section("run", "data"),
+    conda:
+        "../envs/spectralar.yaml"
+    log:
+        "logs/prepare.log",
+    shell:
+        "python -m spectralar prepare --params params.yaml --metrics metrics/prepare.json --out data/prepared 2> {log}"
