@@ -5,9 +5,13 @@ configfile: "params.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
 
 
 rule all:
     input:
         "metrics/prepare.json",
+        "metrics/train_proxy.json",
+        "metrics/extract_proxy_codes.json",
+        "metrics/train_tokenizer.json",
     default_target: True

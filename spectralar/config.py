@@ -68,7 +68,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
+            items = [_coerce(v, a, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
         else:
             inner = args[0] if args else Any
             items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -182,6 +182,11 @@ SECTIONS: dict[str, type | str] = {
     "run": RunConfig,
     "data": DataConfig,
     "tracking": TrackingConfig,
+    "proxy": "spectralar.models.proxy_vq:ProxyConfig",
+    "train_proxy": "spectralar.stages.train_proxy:TrainProxyConfig",
+    "tokenizer": "spectralar.models.tokenizer:TokenizerConfig",
+    "extract_proxy_codes": "spectralar.stages.extract_proxy_codes:ExtractProxyCodesConfig",
+    "train_tokenizer": "spectralar.stages.train_tokenizer:TrainTokenizerConfig",
 }
 
 

@@ -66,3 +66,39 @@ def make_fashion_dir(root: Path, n_train: int = 60, n_val: int = 20, seed: int =
 @pytest.fixture
 def fashion_dir(tmp_path) -> Path:
     return make_fashion_dir(tmp_path / "fashion")
+
+
+# A configuration small enough for every stage to run end to end in seconds on 2 cores.
+TINY = {
+    "proxy.base_channels": 8,
+    "proxy.channel_multipliers": [1, 2, 2],
+    "proxy.res_blocks": 1,
+    "proxy.codebook_size": 32,
+    "proxy.code_dim": 8,
+    "proxy.norm_groups": 4,
+    "train_proxy.steps": 6,
+    "train_proxy.batch_size": 16,
+    "train_proxy.warmup_steps": 2,
+    "train_proxy.checkpoint_every": 3,
+    "train_proxy.log_every": 3,
+    "train_proxy.eval_images": 20,
+    "tokenizer.width": 32,
+    "tokenizer.encoder_depth": 1,
+    "tokenizer.decoder_depth": 1,
+    "tokenizer.heads": 2,
+    "tokenizer.num_tokens": 8,
+    "tokenizer.codebook_size": 32,
+    "tokenizer.proxy_codebook_size": 32,
+    "extract_proxy_codes.mode": "precomputed",
+    "extract_proxy_codes.batch_size": 16,
+    "train_tokenizer.batch_size": 8,
+    "train_tokenizer.stage1_steps": 6,
+    "train_tokenizer.stage2_steps": 4,
+    "train_tokenizer.warmup_steps": 2,
+    "train_tokenizer.stage2_warmup_steps": 1,
+    "train_tokenizer.checkpoint_every": 3,
+    "train_tokenizer.log_every": 2,
+    "train_tokenizer.eval_images": 10,
+    "train_tokenizer.adversarial_weight": 0.01,
+    "train_tokenizer.adversarial_start_step": 1,
+}

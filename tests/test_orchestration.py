@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from spectralar.stages import STAGES
-from tests.conftest import REPO, make_fashion_dir, write_params
+from tests.conftest import REPO, TINY, make_fashion_dir, write_params
 
 BIN = Path(sys.executable).parent
 
@@ -93,7 +93,7 @@ def _project_copy(tmp_path: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
     fashion = make_fashion_dir(tmp_path / "fashion")
-    write_params(dest / "params.yaml", {"data.fashion_mnist_dir": str(fashion)})
+    write_params(dest / "params.yaml", {"data.fashion_mnist_dir": str(fashion), **TINY})
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
@@ -106,8 +106,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     run = lambda *cmd: subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True)  # noqa: E731
     first = run(str(BIN / "dvc"), "repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert (project / "metrics" / "prepare.json").is_file()
-    assert (project / "data" / "prepared" / "manifest.json").is_file()
+    for stage in STAGES:
+        assert (project / "metrics" / f"{stage}.json").is_file(), stage
+    assert (project / "models" / "tokenizer" / "tokenizer.pt").is_file()
     again = run(str(BIN / "dvc"), "repro")
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
 
@@ -118,5 +119,6 @@ def test_snakemake_end_to_end(tmp_path):
     result = subprocess.run([str(BIN / "snakemake"), "--cores", "2"], cwd=project, env=_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (project / "metrics" / "prepare.json").is_file()
-    assert (project / "data" / "prepared" / "manifest.json").is_file()
+    for stage in STAGES:
+        assert (project / "metrics" / f"{stage}.json").is_file(), stage
+    assert (project / "models" / "tokenizer" / "prefixes.png").is_file()

@@ -17,6 +17,9 @@ from types import ModuleType
 # reference_stats, evaluate, correlation, report.
 STAGES: tuple[str, ...] = (
     "prepare",
+    "train_proxy",
+    "extract_proxy_codes",
+    "train_tokenizer",
 )
 
 

@@ -1,0 +1,45 @@
+"""Images <-> spectral token ids: the tokenizer plus the proxy decoder, the API later stages use."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from spectralar.models.proxy_vq import ProxyVQModel
+from spectralar.models.tokenizer import NestedSpectralTokenizer
+
+
+class SpectralCodec(nn.Module):
+    """encode: images (B, C, H, W) in [-1, 1] -> ids (B, N); decode: ids or any prefix -> images.
+
+    Decoding follows TiTok's two stages: the tokenizer predicts proxy-code logits at every
+    position; ``soft`` mixes the proxy codebook with their softmax (stage 2, the fine-tuned path),
+    otherwise the argmax codes are decoded (stage 1).
+    """
+
+    def __init__(self, tokenizer: NestedSpectralTokenizer, proxy: ProxyVQModel, omegas: tuple[int, ...],
+                 soft: bool = True) -> None:
+        super().__init__()
+        self.tokenizer, self.proxy = tokenizer, proxy
+        self.omegas = tuple(omegas)
+        self.soft = soft
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokenizer.config.num_tokens
+
+    @torch.no_grad()
+    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode_ids(images_BCHW)  # (B, N)
+
+    def logits_to_images(self, logits_BVhw: torch.Tensor) -> torch.Tensor:
+        if self.soft:
+            return self.proxy.probs_to_images(logits_BVhw.float().softmax(dim=1))  # (B, C, H, W)
+        return self.proxy.codes_to_images(logits_BVhw.argmax(dim=1))
+
+    @torch.no_grad()
+    def decode(self, ids_Bn: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Ids (B, n <= N) -> images (B, C, H, W) in [-1, 1]; n ids decode the n-token prefix."""
+        return self.logits_to_images(self.tokenizer.decode_ids(ids_Bn, prefix_lengths)).clamp(-1, 1)

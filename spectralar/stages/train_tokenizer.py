@@ -1,0 +1,405 @@
+"""train_tokenizer: Nested Spectral Tokenization (paper §3.2, Algorithm 1), TiTok's two stages.
+
+Stage 1 (steps [0, stage1_steps)): per sample draw i ~ U{1..N}, decode from the prefix s_1..s_i,
+cross-entropy against the proxy codes of I'_i = IDCT(DCT(I) ∘ 1_{ω_i}), plus the VQ loss.
+Stage 2 (the next stage2_steps): encoder and quantizer frozen (token ids unchanged); the
+tokenizer's decoder and the proxy decoder are fine-tuned to the pixels of I'_i with
+L2 + perceptual + adversarial (hinge + LeCam) terms.
+Table 4 switches live in the ``tokenizer`` section: ``spectral_supervision`` (off: every sample
+uses all N tokens and the full image, plain TiTok), ``causal_mask``, ``nonuniform_mapping``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectralar.data.loader import step_loader, to_float
+from spectralar.data.shards import ImageShards
+from spectralar.io import atomic_path, write_text
+from spectralar.models.codec import SpectralCodec
+from spectralar.models.losses import PatchDiscriminator, hinge_d_loss, lecam_regularizer, build_perceptual
+from spectralar.models.quantizer import codebook_stats
+from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
+from spectralar.spectral import band_limit
+from spectralar.stages.common import Checkpointer, save_model_file, stage_device, token_omegas
+from spectralar.stages.extract_proxy_codes import load_codes, load_proxy
+from spectralar.training import EMA, Throughput, autocast, build_adamw, check_finite, lr_at, set_lr
+
+SECTIONS = ("run", "tokenizer", "train_tokenizer")
+
+
+@dataclass(frozen=True)
+class TrainTokenizerConfig:
+    batch_size: int = 64
+    stage1_steps: int = 1000
+    stage2_steps: int = 200
+    lr: float = 1e-3  # TiTok: 1e-4 at batch 256
+    stage2_lr: float = 2e-4
+    final_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.99)  # TiTok stage 1
+    stage2_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    stage2_warmup_steps: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    augment_hflip: bool = False  # needs extract_proxy_codes.mode: online (codes are of unflipped images)
+    l2_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    perceptual_network: Literal["none", "vgg16"] = "none"
+    perceptual_weights: str = ""  # vgg16: torchvision's vgg16-397923af.pth
+    adversarial_weight: float = 0.0
+    adversarial_start_step: int = 0  # counted from the start of stage 2
+    lecam_weight: float = 0.001
+    discriminator_lr: float = 1e-4
+    bf16: bool = True  # autocast on CUDA
+    checkpoint_every: int = 250
+    log_every: int = 50
+    eval_images: int = 500
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.stage1_steps < 0 or self.stage2_steps < 0:
+            raise ValueError("batch_size must be positive and stage steps non-negative")
+        if self.stage1_steps + self.stage2_steps == 0:
+            raise ValueError("stage1_steps + stage2_steps must be positive")
+        if self.perceptual_weight > 0 and self.perceptual_network == "none":
+            raise ValueError("perceptual_weight > 0 needs perceptual_network (vgg16) and its weights")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every and log_every must be positive")
+        if self.warmup_steps > self.stage1_steps or self.stage2_warmup_steps > self.stage2_steps:
+            raise ValueError("warmup_steps / stage2_warmup_steps must not exceed stage1_steps / stage2_steps")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="data/prepared", help="prepared dataset")
+    parser.add_argument("--proxy", default="models/proxy/proxy.pt", help="proxy model file")
+    parser.add_argument("--codes", default="data/proxy_codes", help="extract_proxy_codes output")
+    parser.add_argument("--out", default="models/tokenizer", help="output directory (tokenizer.pt, figures)")
+    parser.add_argument("--checkpoints", default="runs/checkpoints/train_tokenizer", help="resumable checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------
+# Algorithm 1 pieces
+# ------------------------------------------------------------------------------------------------
+
+def sample_levels(batch: int, tokenizer_cfg: TokenizerConfig, generator: torch.Generator) -> torch.Tensor:
+    """0-based level per sample: i-1 with i ~ U{1..N} (Alg. 1 line 4); N-1 without spectral supervision."""
+    if not tokenizer_cfg.spectral_supervision:
+        return torch.full((batch,), tokenizer_cfg.num_tokens - 1, dtype=torch.long)
+    return torch.randint(0, tokenizer_cfg.num_tokens, (batch,), generator=generator)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Per-step randomness as a function of (seed, step), so a resumed run draws the same levels."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class ProxyTargets:
+    """Stage-1 targets: proxy codes of I'_i, from the precomputed table or computed online."""
+
+    def __init__(self, codes_dir: str | Path, proxy, omegas: tuple[int, ...], tokenizer_cfg: TokenizerConfig):
+        self.manifest, self.table = load_codes(codes_dir)
+        self.proxy, self.omegas, self.cfg = proxy, omegas, tokenizer_cfg
+        expected = list(omegas) if tokenizer_cfg.spectral_supervision else [omegas[-1]]
+        if self.manifest["omegas"] != expected:
+            raise ValueError(f"proxy codes were extracted for omegas {self.manifest['omegas']}, the tokenizer "
+                             f"needs {expected}: rerun extract_proxy_codes")
+
+    @property
+    def online(self) -> bool:
+        return self.table is None
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        grid = self.proxy.config.grid_size
+        if self.online:
+            omega = torch.tensor(self.omegas, device=x.device)[levels.to(x.device)]
+            return self.proxy.encode_ids(band_limit(x, omega))  # (B, h, w)
+        column = levels if self.cfg.spectral_supervision else torch.zeros_like(levels)
+        rows = self.table[index.numpy(), column.numpy()]  # (B, h*w) uint16
+        return torch.from_numpy(rows.astype(np.int64)).reshape(-1, grid, grid).to(x.device)
+
+
+def pixel_targets(x: torch.Tensor, levels: torch.Tensor, omegas: tuple[int, ...]) -> torch.Tensor:
+    omega = torch.tensor(omegas, device=x.device)[levels.to(x.device)]
+    return band_limit(x, omega)  # (B, C, H, W)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, ctx) -> None:
+        self.ctx, self.cfg = ctx, ctx.params.train_tokenizer
+        self.tok_cfg: TokenizerConfig = ctx.params.tokenizer
+        self.seed = ctx.params.run.seed
+        self.device = stage_device(ctx.params.run.device)
+        self.omegas = token_omegas(self.tok_cfg)
+        self.train = ImageShards(ctx.args.data, "train")
+        self.val = ImageShards(ctx.args.data, "val")
+        self.proxy = load_proxy(ctx.args.proxy, self.device)
+        self._check_shapes()
+        self.tokenizer = NestedSpectralTokenizer(self.tok_cfg).to(self.device)
+        self.model = nn.ModuleDict({"tokenizer": self.tokenizer, "proxy": self.proxy})
+        self.targets = ProxyTargets(ctx.args.codes, self.proxy, self.omegas, self.tok_cfg)
+        if self.cfg.augment_hflip and not self.targets.online:
+            raise ValueError("train_tokenizer.augment_hflip needs extract_proxy_codes.mode: online "
+                             "(precomputed codes are of unflipped images)")
+        self.total = self.cfg.stage1_steps + self.cfg.stage2_steps
+        digest = ctx.params.digest(SECTIONS + ("data", "proxy", "train_proxy", "extract_proxy_codes"))
+        self.checkpointer = Checkpointer(ctx.args.checkpoints, digest)
+        self.history: list[dict] = []
+
+    def _check_shapes(self) -> None:
+        height, _, channels = self.train.image_shape
+        tok, proxy = self.tok_cfg, self.proxy.config
+        if (tok.image_size, tok.in_channels) != (height, channels):
+            raise ValueError(f"tokenizer.image_size/in_channels = {tok.image_size}/{tok.in_channels} but the "
+                             f"prepared images are {height} px with {channels} channels")
+        if tok.grid_size != proxy.grid_size or tok.proxy_codebook_size != proxy.codebook_size:
+            raise ValueError(f"tokenizer grid {tok.grid_size} / proxy_codebook_size {tok.proxy_codebook_size} must "
+                             f"equal the proxy's grid {proxy.grid_size} / codebook {proxy.codebook_size}")
+
+    # -- phase set-up -------------------------------------------------------------------------
+    def _phase_objects(self, phase: int) -> dict:
+        cfg = self.cfg
+        if phase == 1:
+            for p in self.proxy.parameters():
+                p.requires_grad_(False)
+            optimizer = build_adamw(self.tokenizer, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            objects = {"model": self.model, "optimizer": optimizer}
+        else:
+            trainable = (self.tokenizer.decoder, self.proxy.decoder)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for module in trainable:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+            optimizer = build_adamw(nn.ModuleList(trainable), lr=cfg.stage2_lr, betas=cfg.stage2_betas,
+                                    weight_decay=cfg.weight_decay)
+            objects = {"model": self.model, "optimizer": optimizer}
+            if cfg.adversarial_weight > 0:
+                self.discriminator = PatchDiscriminator(self.tok_cfg.in_channels).to(self.device)
+                self.lecam = torch.zeros(2, device=self.device)  # EMA of D(real), D(fake)
+                objects["discriminator"] = self.discriminator
+                objects["disc_optimizer"] = torch.optim.Adam(self.discriminator.parameters(),
+                                                             lr=cfg.discriminator_lr, betas=(0.5, 0.999))
+            self.perceptual = build_perceptual(cfg.perceptual_network, cfg.perceptual_weights,
+                                               "train_tokenizer.perceptual_weights")
+            if self.perceptual is not None:
+                self.perceptual.to(self.device)
+        objects["ema"] = EMA(self.model, cfg.ema_decay, warmup=True)
+        return objects
+
+    def fit(self) -> dict:
+        start = self.checkpointer.peek_step()
+        # a checkpoint at step s holds the objects of step s-1's phase
+        phase = 1 if start <= self.cfg.stage1_steps else 2
+        objects = self._phase_objects(phase)
+        start = self.checkpointer.resume(objects)
+        meter, begin = Throughput(), time.perf_counter()
+        loader = step_loader(self.train, batch_size=self.cfg.batch_size, seed=self.seed, start_step=start,
+                             total_steps=self.total, in_memory=self.train.format == "raw")
+        for step, (images, _, index) in enumerate(loader, start=start):
+            if phase == 1 and step >= self.cfg.stage1_steps:
+                objects["ema"].copy_to(self.model)  # stage 2 starts from the EMA of stage 1 (TiTok)
+                phase, objects = 2, self._phase_objects(2)
+            x = to_float(images.to(self.device, non_blocking=True))
+            generator = step_generator(self.seed, step)
+            if self.cfg.augment_hflip:
+                flip = torch.rand(len(x), generator=generator) < 0.5
+                x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+            levels = sample_levels(len(x), self.tok_cfg, generator)
+            terms = self._stage1(x, index, levels, objects, step) if phase == 1 else \
+                self._stage2(x, levels, objects, step - self.cfg.stage1_steps)
+            objects["ema"].update(self.model)
+            meter.update(len(x))
+            if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
+                self._log(step + 1, phase, terms, objects["optimizer"], meter.rate)
+            if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total:
+                self.checkpointer.save(step + 1, objects)
+        objects["ema"].copy_to(self.model)
+        return {"train_seconds": round(time.perf_counter() - begin, 1), "steps": self.total,
+                "images_per_second": round(meter.rate, 1)}
+
+    def _optimize(self, loss: torch.Tensor, terms: dict, objects: dict, step: int, lr: float) -> dict:
+        check_finite(loss, step, terms)
+        optimizer = objects["optimizer"]
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        optimizer.step()
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()} | {"lr": lr}
+
+    def _stage1(self, x, index, levels, objects, step) -> dict:
+        cfg = self.cfg
+        codes = self.targets(x, index, levels)  # (B, h, w) proxy codes of I'_i
+        with autocast(self.device, cfg.bf16):
+            logits, _, vq_loss = self.tokenizer(x, levels.to(x.device) + 1)  # prefix i = level + 1
+        ce = F.cross_entropy(logits.float(), codes)
+        loss = ce + vq_loss
+        lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=max(cfg.stage1_steps, 1),
+                   schedule="cosine", final_lr=cfg.final_lr)
+        return self._optimize(loss, {"loss": loss, "ce": ce, "vq": vq_loss}, objects, step, lr)
+
+    def _stage2(self, x, levels, objects, step2) -> dict:
+        cfg = self.cfg
+        target = pixel_targets(x, levels, self.omegas)
+        with autocast(self.device, cfg.bf16):
+            with torch.no_grad():
+                z_q, _, _ = self.tokenizer.encode(x)
+            logits = self.tokenizer.decode(z_q, levels.to(x.device) + 1)
+        reconstruction = self.proxy.probs_to_images(logits.float().softmax(dim=1))
+        l2 = F.mse_loss(reconstruction, target)
+        loss, terms = cfg.l2_weight * l2, {"l2": l2}
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction, target)
+            loss = loss + cfg.perceptual_weight * terms["perceptual"]
+        adversarial = cfg.adversarial_weight > 0 and step2 >= cfg.adversarial_start_step
+        if adversarial:
+            terms["generator_adv"] = -self.discriminator(reconstruction).mean()
+            loss = loss + cfg.adversarial_weight * terms["generator_adv"]
+        terms["loss"] = loss
+        lr = lr_at(step2, base_lr=cfg.stage2_lr, warmup_steps=cfg.stage2_warmup_steps,
+                   total_steps=max(cfg.stage2_steps, 1), schedule="cosine", final_lr=cfg.final_lr)
+        logged = self._optimize(loss, terms, objects, self.cfg.stage1_steps + step2, lr)
+        if adversarial:
+            logged |= self._discriminator_step(target, reconstruction.detach(), objects)
+        return logged
+
+    def _discriminator_step(self, real, fake, objects) -> dict:
+        real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        reg, self.lecam = lecam_regularizer(real_logits, fake_logits, self.lecam)
+        total = d_loss + self.cfg.lecam_weight * reg
+        optimizer = objects["disc_optimizer"]
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return {"disc_loss": float(d_loss.detach()), "lecam": float(reg.detach())}
+
+    def _log(self, step, phase, terms, optimizer, rate) -> None:
+        row = {"step": step, "phase": phase, **{k: round(v, 6) for k, v in terms.items()}, "images_per_s": round(rate, 1)}
+        self.history.append(row)
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        self.ctx.log.info("%s", text)
+        self.ctx.tracker.log_metrics({f"train/{k}": v for k, v in terms.items()}, step=step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and outputs
+# ------------------------------------------------------------------------------------------------
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1], on the [0, 1] scale."""
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def evaluate(codec: SpectralCodec, shards: ImageShards, count: int, device: torch.device) -> dict:
+    """PSNR of every prefix length against its own target I'_i, and against the full image."""
+    codec.eval()
+    count = min(count, len(shards))
+    n = codec.num_tokens
+    prefix_psnr, full_psnr, all_ids = torch.zeros(n), torch.zeros(n), []
+    for start in range(0, count, 100):
+        images = torch.from_numpy(shards.images(np.arange(start, min(start + 100, count)))).permute(0, 3, 1, 2)
+        x = to_float(images.to(device))
+        ids = codec.encode(x)
+        all_ids.append(ids.cpu())
+        for i in range(1, n + 1):
+            reconstruction = codec.decode(ids[:, :i])
+            prefix_psnr[i - 1] += psnr(reconstruction, band_limit(x, codec.omegas[i - 1])).sum().cpu()
+            full_psnr[i - 1] += psnr(reconstruction, x).sum().cpu()
+    ids = torch.cat(all_ids)
+    stats = codebook_stats(ids, codec.tokenizer.config.codebook_size)
+    counts = torch.bincount(ids.flatten(), minlength=codec.tokenizer.config.codebook_size).double()
+    probs = counts[counts > 0] / counts.sum()
+    return {
+        "psnr_prefix": [round(v, 3) for v in (prefix_psnr / count).tolist()],
+        "psnr_prefix_vs_full_image": [round(v, 3) for v in (full_psnr / count).tolist()],
+        "psnr_full": round(float(full_psnr[-1] / count), 3),
+        "codebook_usage": round(float(stats["usage"]), 4),
+        "codebook_perplexity": round(float(stats["perplexity"]), 2),
+        "codebook_entropy_bits": round(float(-(probs * probs.log2()).sum()), 3),
+        "eval_images": count,
+    }
+
+
+@torch.no_grad()
+def prefix_figure(codec: SpectralCodec, shards: ImageShards, path: Path, device: torch.device, images: int = 2) -> None:
+    """Figure 1 idea: DCT targets I'_i (top) above reconstructions from the first i tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = codec.num_tokens
+    prefixes = sorted({min(2 ** k, n) for k in range(n.bit_length() + 1)})
+    x = to_float(torch.from_numpy(shards.images(np.arange(images))).permute(0, 3, 1, 2).to(device))
+    ids = codec.encode(x)
+    fig, axes = plt.subplots(2 * images, len(prefixes), figsize=(1.3 * len(prefixes), 2.7 * images), squeeze=False)
+    for row in range(images):
+        for col, i in enumerate(prefixes):
+            target = band_limit(x[row:row + 1], codec.omegas[i - 1])
+            reconstruction = codec.decode(ids[row:row + 1, :i])
+            for offset, image, label in ((0, target, f"DCT ω={codec.omegas[i - 1]}"), (1, reconstruction, f"{i} tok")):
+                ax = axes[2 * row + offset, col]
+                array = ((image[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+                ax.imshow(array.squeeze(-1) if array.shape[-1] == 1 else array, cmap="gray", vmin=0, vmax=1)
+                ax.set_title(label, fontsize=7)
+                ax.axis("off")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("step", "phase"), k))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def run(ctx) -> dict:
+    trainer = Trainer(ctx)
+    fit = trainer.fit()
+    out = Path(ctx.args.out)
+    codec = SpectralCodec(trainer.tokenizer, trainer.proxy, trainer.omegas,
+                          soft=trainer.cfg.stage2_steps > 0)
+    metrics = {**fit, **evaluate(codec, trainer.val, trainer.cfg.eval_images, trainer.device),
+               "omegas": list(trainer.omegas), "decode": "soft" if codec.soft else "argmax"}
+    save_model_file(out / "tokenizer.pt", "tokenizer",
+                    {"tokenizer": trainer.tok_cfg, "proxy": trainer.proxy.config},
+                    {"tokenizer": trainer.tokenizer.state_dict(), "proxy": trainer.proxy.state_dict()},
+                    {"omegas": list(trainer.omegas), "soft": codec.soft})
+    prefix_figure(codec, trainer.val, out / "prefixes.png", trainer.device)
+    write_history(out / "history.csv", trainer.history)
+    ctx.write_config(out, omegas=list(trainer.omegas), grid_size=trainer.tok_cfg.grid_size)
+    for name in ("prefixes.png", "history.csv", "config.json"):
+        ctx.tracker.log_artifact(out / name)
+    if ctx.params.tracking.log_checkpoints:
+        ctx.tracker.log_artifact(out / "tokenizer.pt")
+    trainer.checkpointer.clear()  # only now that every output is written
+    ctx.log.info("tokenizer: PSNR full %.2f dB, prefix-1 %.2f dB, usage %.1f%%", metrics["psnr_full"],
+                 metrics["psnr_prefix"][0], 100 * metrics["codebook_usage"])
+    return metrics

@@ -1,0 +1,71 @@
+"""Training building blocks shared by the tokenizer and generator stages.
+
+No file layout, MLflow or params.yaml knowledge lives here: stages pass paths and values.
+"""
+
+from __future__ import annotations
+
+from spectralar.training.checkpoint import (
+    NonFiniteLossError,
+    capture_rng_state,
+    check_finite,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+from spectralar.training.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    autocast,
+    barrier,
+    cleanup,
+    init_distributed,
+    resolve_device,
+    unwrap_model,
+)
+from spectralar.training.ema import EMA
+from spectralar.training.meter import (
+    Throughput,
+    mfu,
+    model_flops_per_sample,
+    peak_flops,
+    peak_flops_for_name,
+    progress,
+    transformer_flops_per_token,
+)
+from spectralar.training.optim import build_adamw, lr_at, parameter_groups, set_lr
+
+__all__ = [
+    "EMA",
+    "DistributedContext",
+    "NonFiniteLossError",
+    "Throughput",
+    "all_reduce_mean",
+    "autocast",
+    "barrier",
+    "build_adamw",
+    "capture_rng_state",
+    "check_finite",
+    "cleanup",
+    "init_distributed",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "lr_at",
+    "mfu",
+    "model_flops_per_sample",
+    "parameter_groups",
+    "peak_flops",
+    "peak_flops_for_name",
+    "progress",
+    "prune_checkpoints",
+    "resolve_device",
+    "restore_rng_state",
+    "save_checkpoint",
+    "seed_everything",
+    "set_lr",
+    "transformer_flops_per_token",
+    "unwrap_model",
+]

@@ -1,0 +1,167 @@
+"""Process-group setup for single-process and torchrun launches, device choice, autocast.
+
+A stage calls :func:`init_distributed` once, uses the returned context for device
+placement and "only rank 0 writes files" decisions, and calls :func:`cleanup` at the end.
+Nothing here assumes a GPU: a plain ``python -m spectralar ...`` on a laptop gets a
+single-process context without any process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import ContextManager, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger("spectralar")
+
+DeviceLike = Union[str, torch.device]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job. ``is_main`` is rank 0: the one that writes."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``; ``"cuda"`` or ``"cuda:N"``.
+
+    Asking for CUDA on a machine without it is an error rather than a silent CPU fallback,
+    so a misconfigured cluster job fails at start instead of training 100x slower.
+    """
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda" or preference.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device_preference={preference!r} but CUDA is not available")
+        return torch.device(preference)
+    raise ValueError(
+        f"device_preference must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {preference!r}"
+    )
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"environment variable {name} is required under torchrun")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}")
+
+
+def init_distributed(
+    backend: Optional[str] = None, device_preference: str = "auto"
+) -> DistributedContext:
+    """Read torchrun's environment and join the process group when there is more than one rank.
+
+    torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Without
+    WORLD_SIZE (or with WORLD_SIZE=1) no process group is created, so the collectives in
+    this module become no-ops. The backend defaults to NCCL on CUDA and Gloo on CPU; on
+    CUDA each process binds to ``cuda:LOCAL_RANK``. Calling it again when a group already
+    exists reuses that group.
+    """
+    world_size = _env_int("WORLD_SIZE", default=1)
+    local_rank = _env_int("LOCAL_RANK", default=0)
+    device = resolve_device(device_preference)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if world_size <= 1:
+        return DistributedContext(0, local_rank, 1, device, True)
+    rank = _env_int("RANK")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is required when WORLD_SIZE > 1")
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device.type == "cuda" else None,
+        )
+        logger.info("joined process group: rank %d/%d, backend %s", rank, world_size, backend)
+    return DistributedContext(rank, local_rank, world_size, device, rank == 0)
+
+
+def cleanup() -> None:
+    """Leave the process group if one was created (safe to call in every case)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _group_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks, returned as a new tensor (the input is untouched).
+
+    Used for logging averaged losses; without a process group it returns a detached copy.
+    Under NCCL the tensor must live on ``ctx.device`` (NCCL reduces GPU tensors only).
+    """
+    if not torch.is_floating_point(tensor):
+        raise ValueError(f"tensor must be floating point to average, got {tensor.dtype}")
+    reduced = tensor.detach().clone()
+    world_size = _group_size()
+    if world_size > 1:
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        reduced /= world_size
+    return reduced
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if _group_size() > 1:
+        dist.barrier()
+
+
+def autocast(device: DeviceLike, enabled: bool) -> ContextManager[object]:
+    """bf16 autocast on CUDA when enabled; a null context on CPU or when disabled.
+
+    bf16 rather than fp16: no loss scaler needed (VAR's q/k normalisation exists to keep
+    fp16 stable, REFERENCE.md §3; bf16 has fp32's exponent range). CPU autocast is left off
+    because CPU runs here are tests and tiny configs where fp32 is both faster and exact.
+    """
+    device_type = torch.device(device).type
+    if enabled and device_type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel and/or ``torch.compile`` wrappers.
+
+    Checkpoints and EMA should use the unwrapped names (no ``module.`` / ``_orig_mod.``
+    prefixes) so that a checkpoint loads the same way with or without the wrappers.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model

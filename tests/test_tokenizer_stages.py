@@ -1,0 +1,209 @@
+"""train_proxy -> extract_proxy_codes -> train_tokenizer on a tiny config: outputs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spectralar.cli import build_parser, run_stage
+from spectralar.models.proxy_vq import ProxyVQModel
+from spectralar.stages.common import config_from_dict, load_model_file
+from spectralar.training import NonFiniteLossError
+from tests.conftest import TINY, write_params
+
+
+class Project:
+    """Runs stages in-process with the CLI's own argument parsing, in a temporary directory."""
+
+    def __init__(self, root: Path, fashion_dir: Path, overrides: dict | None = None) -> None:
+        self.root = root
+        self.params = write_params(root / "params.yaml", {
+            "data.fashion_mnist_dir": str(fashion_dir), **TINY, **(overrides or {})})
+
+    def argv(self, stage: str) -> list[str]:
+        r = self.root
+        paths = {
+            "prepare": ["--out", r / "prepared"],
+            "train_proxy": ["--data", r / "prepared", "--out", r / "proxy", "--checkpoints", r / "ck_proxy"],
+            "extract_proxy_codes": ["--data", r / "prepared", "--proxy", r / "proxy/proxy.pt", "--out", r / "codes"],
+            "train_tokenizer": ["--data", r / "prepared", "--proxy", r / "proxy/proxy.pt", "--codes", r / "codes",
+                                "--out", r / "tokenizer", "--checkpoints", r / "ck_tok"],
+        }[stage]
+        return [stage, "--params", str(self.params), "--metrics", str(r / f"{stage}.json"), *map(str, paths)]
+
+    def run(self, stage: str) -> dict:
+        return run_stage(stage, build_parser().parse_args(self.argv(stage)))
+
+    def run_all(self, until: str = "train_tokenizer") -> dict:
+        for stage in ("prepare", "train_proxy", "extract_proxy_codes", "train_tokenizer"):
+            metrics = self.run(stage)
+            if stage == until:
+                return metrics
+        raise AssertionError(until)
+
+
+@pytest.fixture
+def project(tmp_path, fashion_dir):
+    torch.set_num_threads(1)
+    return Project(tmp_path, fashion_dir)
+
+
+def test_tiny_tokenizer_pipeline_end_to_end(project):
+    metrics = project.run_all()
+    root = project.root
+    assert len(metrics["psnr_prefix"]) == 8 and metrics["omegas"] == [1, 2, 3, 4, 6, 8, 20, 32]
+    assert metrics["steps"] == 10 and 0 < metrics["codebook_usage"] <= 1
+    for name in ("tokenizer.pt", "prefixes.png", "history.csv", "config.json"):
+        assert (root / "tokenizer" / name).is_file(), name
+    state = load_model_file(root / "tokenizer" / "tokenizer.pt", "tokenizer")
+    assert state["extra"]["omegas"] == metrics["omegas"] and state["configs"]["tokenizer"]["num_tokens"] == 8
+    codes = json.loads((root / "codes" / "manifest.json").read_text())
+    table = np.load(root / "codes" / "train.npy")
+    assert table.shape == (60, 8, 8 * 8) and table.dtype == np.uint16 and codes["omegas"] == metrics["omegas"]
+    assert not list((root / "ck_tok").glob("step_*.pt"))  # a finished run leaves nothing to resume
+
+
+def test_proxy_codes_match_direct_computation(project):
+    from spectralar.data.shards import ImageShards
+    from spectralar.data.loader import to_float
+    from spectralar.spectral import band_limit
+
+    project.run_all(until="extract_proxy_codes")
+    state = load_model_file(project.root / "proxy" / "proxy.pt", "proxy")
+    from spectralar.models.proxy_vq import ProxyConfig
+
+    proxy = ProxyVQModel(config_from_dict(ProxyConfig, state["configs"]["proxy"]))
+    proxy.load_state_dict(state["weights"]["proxy"])
+    proxy.eval()
+    images = torch.from_numpy(ImageShards(project.root / "prepared", "train").images([5, 17])).permute(0, 3, 1, 2)
+    table = np.load(project.root / "codes" / "train.npy")
+    for level, omega in ((0, 1), (4, 6), (7, 32)):
+        expected = proxy.encode_ids(band_limit(to_float(images), omega)).reshape(2, -1).numpy()
+        assert np.array_equal(table[[5, 17], level], expected)
+
+
+def test_extract_proxy_codes_resumes(project, monkeypatch):
+    project.run_all(until="extract_proxy_codes")
+    reference = np.load(project.root / "codes" / "train.npy")
+    import spectralar.stages.extract_proxy_codes as stage
+
+    calls = {"n": 0}
+    original = stage.codes_for_levels
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    (project.root / "codes").rename(project.root / "codes_old")
+    monkeypatch.setattr(stage, "codes_for_levels", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        project.run("extract_proxy_codes")
+    assert not (project.root / "codes").exists()  # nothing that looks complete
+    monkeypatch.setattr(stage, "codes_for_levels", original)
+    metrics = project.run("extract_proxy_codes")
+    assert metrics["resumed_from_row"] == 32
+    assert np.array_equal(np.load(project.root / "codes" / "train.npy"), reference)
+
+
+def _weights(path: Path) -> dict:
+    return load_model_file(path, "tokenizer")["weights"]
+
+
+def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch):
+    reference = project.run_all()
+    expected = _weights(project.root / "tokenizer" / "tokenizer.pt")
+    import spectralar.stages.train_tokenizer as stage
+
+    original = stage.Trainer._log
+
+    def dies_after_step_8(self, step, *args):
+        original(self, step, *args)
+        if step == 8:  # after the checkpoint of step 6, inside stage 2 (stage 1 ends at step 6)
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(stage.Trainer, "_log", dies_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        project.run("train_tokenizer")
+    assert sorted(p.name for p in (project.root / "ck_tok").glob("step_*.pt")) == ["step_00000003.pt",
+                                                                                "step_00000006.pt"]
+    monkeypatch.setattr(stage.Trainer, "_log", original)
+    resumed = project.run("train_tokenizer")
+    actual = _weights(project.root / "tokenizer" / "tokenizer.pt")
+    for part in ("tokenizer", "proxy"):
+        for key, value in expected[part].items():
+            assert torch.equal(value, actual[part][key]), (part, key)
+    assert resumed["psnr_prefix"] == reference["psnr_prefix"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(project, monkeypatch):
+    project.run_all(until="extract_proxy_codes")
+    import spectralar.stages.train_tokenizer as stage
+
+    original = stage.F.cross_entropy
+    calls = {"n": 0}
+
+    def nan_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(stage.F, "cross_entropy", nan_at_step_5)
+    with pytest.raises(NonFiniteLossError, match="step 4.*ce=nan"):
+        project.run("train_tokenizer")
+    assert [p.name for p in (project.root / "ck_tok").glob("step_*.pt")] == ["step_00000003.pt"]
+    assert not (project.root / "tokenizer").exists()
+
+
+def test_spectral_supervision_off_extracts_only_the_full_image_level(tmp_path, fashion_dir):
+    project = Project(tmp_path, fashion_dir, {"tokenizer.spectral_supervision": False,
+                                              "tokenizer.nonuniform_mapping": False,
+                                              "tokenizer.causal_mask": False})
+    metrics = project.run_all()
+    assert np.load(tmp_path / "codes" / "train.npy").shape == (60, 1, 64)
+    assert metrics["omegas"] == [4, 8, 12, 16, 20, 24, 28, 32]
+
+
+def test_online_proxy_codes_mode(tmp_path, fashion_dir):
+    project = Project(tmp_path, fashion_dir, {"extract_proxy_codes.mode": "online",
+                                              "train_tokenizer.augment_hflip": True})
+    metrics = project.run_all()
+    assert not (tmp_path / "codes" / "train.npy").exists()
+    assert metrics["steps"] == 10
+
+
+def test_hflip_needs_online_codes(tmp_path, fashion_dir):
+    project = Project(tmp_path, fashion_dir, {"train_tokenizer.augment_hflip": True})
+    with pytest.raises(ValueError, match="augment_hflip needs extract_proxy_codes.mode: online"):
+        project.run_all()
+
+
+def test_train_proxy_loads_a_named_checkpoint_instead_of_training(tmp_path, fashion_dir):
+    project = Project(tmp_path, fashion_dir)
+    project.run("prepare")
+    from spectralar.config import load_params
+
+    model = ProxyVQModel(load_params(project.params).proxy)
+    torch.save(model.state_dict(), tmp_path / "official.bin")
+    project.params = write_params(tmp_path / "params.yaml", {
+        "data.fashion_mnist_dir": str(fashion_dir), **TINY, "train_proxy.checkpoint": str(tmp_path / "official.bin")})
+    metrics = project.run("train_proxy")
+    assert metrics["source"] == "checkpoint" and metrics["trained_steps"] == 0
+    saved = load_model_file(tmp_path / "proxy" / "proxy.pt", "proxy")["weights"]["proxy"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    project.params = write_params(tmp_path / "params.yaml", {
+        "data.fashion_mnist_dir": str(fashion_dir), **TINY, "train_proxy.checkpoint": str(tmp_path / "absent.bin")})
+    with pytest.raises(FileNotFoundError, match="proxy.checkpoint"):
+        project.run("train_proxy")
+
+
+def test_perceptual_network_without_weights_is_a_clear_error(tmp_path, fashion_dir):
+    project = Project(tmp_path, fashion_dir, {"train_tokenizer.perceptual_network": "vgg16",
+                                              "train_tokenizer.perceptual_weight": 0.1})
+    with pytest.raises(FileNotFoundError, match="train_tokenizer.perceptual_weights.*vgg16-397923af.pth"):
+        project.run_all()
