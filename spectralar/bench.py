@@ -1,5 +1,7 @@
 """Benchmarks (not tests): ``python -m spectralar.bench <what> [...]``.
 
+  tokenizer  training images/s and model FLOPs utilisation of a tokenizer stage-1 step (forward,
+             backward, AdamW) for the default config or TiTok-B64 (--config b64), on a device
   read   prepare throughput and shard read throughput for JPEG shards at a given resolution, on a
          synthetic photo-like ImageFolder (or an existing prepared dataset with --data), plus the
          bytes per image and the extrapolated size of ImageNet's 1,281,167 training images.
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -80,6 +83,61 @@ def bench_read(args: argparse.Namespace) -> dict:
     return result
 
 
+def _vit_flops_per_sample(blocks: torch.nn.Module, depth: int, width: int, tokens: int) -> float:
+    from spectralar.training import model_flops_per_sample
+
+    params = sum(p.numel() for p in blocks.parameters())
+    return model_flops_per_sample(params, tokens, layers=depth, width=width)
+
+
+def bench_tokenizer(args: argparse.Namespace) -> dict:
+    from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
+    from spectralar.config import load_params
+    from spectralar.training import autocast, build_adamw, mfu, peak_flops, resolve_device
+
+    cfg = TokenizerConfig.titok_b64() if args.config == "b64" else load_params(args.params).tokenizer
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = NestedSpectralTokenizer(cfg).to(device)
+    optimizer = build_adamw(model, lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4)
+    x = torch.randn(args.batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    codes = torch.randint(0, cfg.proxy_codebook_size, (args.batch, cfg.grid_size, cfg.grid_size), device=device)
+    prefix = torch.randint(1, cfg.num_tokens + 1, (args.batch,), device=device)
+
+    def step() -> None:
+        with autocast(device, True):
+            logits, _, vq = model(x, prefix)
+        loss = torch.nn.functional.cross_entropy(logits.float(), codes) + vq
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = args.steps * args.batch / (time.perf_counter() - start)
+    tokens = cfg.num_patches + cfg.num_tokens
+    flops = (_vit_flops_per_sample(model.encoder.blocks, cfg.encoder_depth, cfg.width, tokens)
+             + _vit_flops_per_sample(model.decoder.blocks, cfg.decoder_depth, cfg.width, tokens))
+    utilisation = mfu(flops, rate, peak_flops(device))
+    return {
+        "config": args.config, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "batch": args.batch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_images_per_second": round(rate, 1),
+        "model_tflops_per_image": round(flops / 1e12, 4),
+        "achieved_tflops": round(flops * rate / 1e12, 3),
+        "mfu": None if utilisation is None else round(utilisation, 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m spectralar.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,8 +148,15 @@ def main() -> None:
     read.add_argument("--num", type=int, default=1000)
     read.add_argument("--resolution", type=int, default=256)
     read.add_argument("--workers", type=int, default=2)
+    tok = sub.add_parser("tokenizer", help="tokenizer training throughput and MFU")
+    tok.add_argument("--config", choices=("default", "b64"), default="default")
+    tok.add_argument("--params", default="params.yaml", help="params file for --config default")
+    tok.add_argument("--device", default="auto")
+    tok.add_argument("--batch", type=int, default=64)
+    tok.add_argument("--steps", type=int, default=10)
+    tok.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    print(json.dumps({"read": bench_read}[args.what](args), indent=2))
+    print(json.dumps({"read": bench_read, "tokenizer": bench_tokenizer}[args.what](args), indent=2))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads made
+# small torch/numpy ops 10-75x slower. Set before torch is imported by any test module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True)
