@@ -23,7 +23,7 @@ rule extract_proxy_codes:
         "spectralar/stages/extract_proxy_codes.py",
         "spectralar/spectral",
         "data/prepared",
-        "models/proxy/proxy.pt",
+        "models/proxy",  # directory output of train_proxy (Snakemake matches outputs, not files inside them)
     output:
         directory("data/proxy_codes"),
         metrics="metrics/extract_proxy_codes.json",
@@ -46,7 +46,7 @@ rule train_tokenizer:
         "spectralar/spectral",
         "spectralar/training",
         "data/prepared",
-        "models/proxy/proxy.pt",
+        "models/proxy",  # directory output of train_proxy (Snakemake matches outputs, not files inside them)
         "data/proxy_codes",
     output:
         directory("models/tokenizer"),
