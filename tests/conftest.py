@@ -83,6 +83,7 @@ TINY = {
     "train_proxy.batch_size": 16,
     "train_proxy.warmup_steps": 2,
     "train_proxy.checkpoint_every": 3,
+    "train_proxy.dead_code_restart_every": 3,
     "train_proxy.log_every": 3,
     "train_proxy.eval_images": 20,
     "tokenizer.width": 32,

@@ -34,6 +34,9 @@ class TrainProxyConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    # Codes unused for this many steps are re-seeded with encoder outputs of the current batch
+    # (dead-code restart, as in Jukebox/SoundStream); 0 = off. Not applied to loaded checkpoints.
+    dead_code_restart_every: int = 100
     checkpoint_every: int = 500
     log_every: int = 100
     eval_images: int = 1000
@@ -41,6 +44,10 @@ class TrainProxyConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("steps, batch_size, checkpoint_every and log_every must be positive")
+        if self.dead_code_restart_every < 0 or (
+                self.dead_code_restart_every and self.checkpoint_every % self.dead_code_restart_every):
+            raise ValueError("dead_code_restart_every must be >= 0 and divide checkpoint_every "
+                             "(usage counts restart at checkpoints, so resume stays exact)")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
 
@@ -94,11 +101,14 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
                          total_steps=cfg.steps, in_memory=train_shards.format == "raw")
     meter = Throughput()
     begin = time.perf_counter()
+    usage = torch.zeros(model_cfg_size(model), dtype=torch.long, device=device)
+    restarted = 0
     for step, (images, _, _) in enumerate(loader, start=start):
         set_lr(optimizer, lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                 schedule="cosine", final_lr=cfg.lr * 0.1))
         x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W)
-        reconstruction, _, vq_loss = model(x)
+        reconstruction, ids, vq_loss = model(x)
+        usage += torch.bincount(ids.flatten(), minlength=len(usage))
         recon_loss = F.mse_loss(reconstruction, x)
         loss = recon_loss + vq_loss
         check_finite(loss, step, {"recon": recon_loss, "vq": vq_loss})
@@ -108,6 +118,9 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
         optimizer.step()
         ema.update(model)
         meter.update(len(images))
+        if cfg.dead_code_restart_every and (step + 1) % cfg.dead_code_restart_every == 0:
+            restarted += restart_dead_codes(model, optimizer, ema, x, usage == 0, seed=ctx.params.run.seed + step)
+            usage.zero_()
         if (step + 1) % cfg.log_every == 0:
             ctx.log.info("step %d/%d recon %.4f vq %.4f lr %.2e %.0f img/s", step + 1, cfg.steps,
                          recon_loss.item(), vq_loss.item(), optimizer.param_groups[0]["lr"], meter.rate)
@@ -115,7 +128,34 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpointer.save(step + 1, objects)
     ema.copy_to(model)
-    return {"trained_steps": cfg.steps, "source": "trained", "train_seconds": round(time.perf_counter() - begin, 1)}
+    return {"trained_steps": cfg.steps, "source": "trained", "restarted_codes": restarted,
+            "train_seconds": round(time.perf_counter() - begin, 1)}
+
+
+def model_cfg_size(model: ProxyVQModel) -> int:
+    return model.config.codebook_size
+
+
+@torch.no_grad()
+def restart_dead_codes(model: ProxyVQModel, optimizer: torch.optim.Optimizer, ema: EMA, x: torch.Tensor,
+                       dead: torch.Tensor, seed: int) -> int:
+    """Move unused codes onto randomly chosen encoder outputs of this batch (in the model and its
+    EMA, which would otherwise average the new code with the dead one); reset their Adam moments."""
+    count = int(dead.sum())
+    if count == 0:
+        return 0
+    latents = model.encoder(model._to_native(x)).permute(0, 2, 3, 1).reshape(-1, model.config.code_dim)
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(latents), (count,), generator=generator).to(latents.device)
+    weight = model.quantize.embedding.weight
+    weight[dead] = latents[pick].to(weight.dtype)
+    shadow = ema.shadow["quantize.embedding.weight"]
+    shadow[dead.to(shadow.device)] = latents[pick].to(shadow)
+    state = optimizer.state.get(weight, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][dead] = 0
+    return count
 
 
 @torch.no_grad()
