@@ -6,6 +6,7 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/evaluation.smk"
 
 
 rule all:
@@ -14,4 +15,7 @@ rule all:
         "metrics/train_proxy.json",
         "metrics/extract_proxy_codes.json",
         "metrics/train_tokenizer.json",
+        "metrics/train_evalnet.json",
+        "metrics/reference_stats.json",
+        "metrics/correlation.json",
     default_target: True

@@ -187,6 +187,9 @@ SECTIONS: dict[str, type | str] = {
     "tokenizer": "spectralar.models.tokenizer:TokenizerConfig",
     "extract_proxy_codes": "spectralar.stages.extract_proxy_codes:ExtractProxyCodesConfig",
     "train_tokenizer": "spectralar.stages.train_tokenizer:TrainTokenizerConfig",
+    "train_evalnet": "spectralar.stages.train_evalnet:TrainEvalnetConfig",
+    "reference_stats": "spectralar.stages.reference_stats:ReferenceStatsConfig",
+    "correlation": "spectralar.stages.correlation:CorrelationConfig",
 }
 
 

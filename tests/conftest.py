@@ -105,4 +105,11 @@ TINY = {
     "train_tokenizer.eval_images": 10,
     "train_tokenizer.adversarial_weight": 0.01,
     "train_tokenizer.adversarial_start_step": 1,
+    "train_evalnet.epochs": 1,
+    "train_evalnet.batch_size": 16,
+    "train_evalnet.width": 4,
+    "train_evalnet.feature_dim": 16,
+    "reference_stats.num_images": 20,
+    "reference_stats.batch_size": 8,
+    "correlation.num_images": 20,
 }

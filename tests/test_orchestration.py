@@ -86,8 +86,8 @@ def test_snakemake_lint_is_clean():
 def _project_copy(tmp_path: Path) -> Path:
     """A fresh clone-like copy of the tracked files, with a tiny synthetic dataset."""
     dest = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    files += [str(p.relative_to(REPO)) for p in (REPO / "spectralar").rglob("*.py")]  # uncommitted modules too
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()  # uncommitted files too
     for name in set(files):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# Pipeline order. Later issues add: dump_tokens, train_generator, sample, train_evalnet,
-# reference_stats, evaluate, correlation, report.
+# Pipeline order. Still to come: dump_tokens, train_generator, sample, evaluate, report.
 STAGES: tuple[str, ...] = (
     "prepare",
     "train_proxy",
     "extract_proxy_codes",
     "train_tokenizer",
+    "train_evalnet",
+    "reference_stats",
+    "correlation",
 )
 
 

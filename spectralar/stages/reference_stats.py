@@ -1,0 +1,80 @@
+"""reference_stats: real-data feature statistics, once per dataset and feature extractor.
+
+For each extractor in ``reference_stats.extractors`` this writes ``<name>.npz`` (mu and sigma in
+float64 for FID, plus the raw features for KID and precision/recall) from the first ``num_images``
+val images. ``domain`` uses the train_evalnet classifier; ``inception`` the TF-Inception (torch-fidelity's
+weights file when ``inception_weights`` names it or it sits in the torch hub cache, else the offline
+fid-helper TorchScript). For ImageNet, ``adm_reference`` may name ADM's VIRTUAL_imagenet256_labeled.npz,
+whose mu/sigma are then used for ``inception`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from spectralar.data.shards import ImageShards
+from spectralar.evaluation.extractors import register_extractors, resolve_inception
+from spectralar.evaluation.metrics import extract_features, load_adm_reference, reference_statistics, save_reference
+from spectralar.io import atomic_path
+from spectralar.stages.common import stage_device
+
+SECTIONS = ("run", "reference_stats")
+
+
+@dataclass(frozen=True)
+class ReferenceStatsConfig:
+    extractors: tuple[Literal["domain", "inception"], ...] = ("domain",)
+    num_images: int = 10000
+    batch_size: int = 256
+    inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth ("" = look up)
+    adm_reference: str = ""  # ImageNet: VIRTUAL_imagenet256_labeled.npz
+
+    def __post_init__(self) -> None:
+        if not self.extractors or self.num_images < 2 or self.batch_size < 1:
+            raise ValueError("extractors must be non-empty, num_images >= 2, batch_size >= 1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="data/prepared", help="prepared dataset")
+    parser.add_argument("--evalnet", default="models/evalnet/evalnet.pt", help="train_evalnet model")
+    parser.add_argument("--out", default="data/reference", help="output directory (<extractor>.npz)")
+
+
+def extractor_for(name: str, cfg: ReferenceStatsConfig, evalnet: str) -> tuple[str, dict]:
+    register_extractors()
+    if name == "domain":
+        if not Path(evalnet).is_file():
+            raise FileNotFoundError(f"{evalnet} not found: run the train_evalnet stage first")
+        return "domain", {"feature_extractor_weights_path": str(evalnet)}
+    extractor, kwargs, _ = resolve_inception(cfg.inception_weights or None)
+    return extractor, kwargs
+
+
+def run(ctx) -> dict:
+    cfg: ReferenceStatsConfig = ctx.params.reference_stats
+    shards = ImageShards(ctx.args.data, "val")
+    count = min(cfg.num_images, len(shards))
+    images = torch.from_numpy(shards.images(np.arange(count))).permute(0, 3, 1, 2).contiguous()
+    device = stage_device(ctx.params.run.device)
+    metrics = {"num_images": count}
+    out = Path(ctx.args.out)
+    with atomic_path(out, directory=True) as tmp:
+        for name in cfg.extractors:
+            if name == "inception" and cfg.adm_reference:
+                adm = load_adm_reference(cfg.adm_reference, load_images=False)
+                save_reference(tmp / "inception.npz", {"mu": adm["mu"], "sigma": adm["sigma"], "features": None,
+                                                       "num_samples": 0})
+                metrics["inception"] = {"source": "adm_reference"}
+                continue
+            extractor, kwargs = extractor_for(name, cfg, ctx.args.evalnet)
+            features = extract_features(images, extractor, kwargs, batch_size=cfg.batch_size, device=device)
+            save_reference(tmp / f"{name}.npz", reference_statistics(features["features"]))
+            metrics[name] = {"extractor": extractor, "feature_dim": int(features["features"].shape[1])}
+        ctx.write_config(tmp, num_images=count)
+    return metrics

@@ -1,0 +1,57 @@
+rule train_evalnet:
+    input:
+        "spectralar/stages/train_evalnet.py",
+        "spectralar/evaluation/domain.py",
+        "data/prepared",
+    output:
+        directory("models/evalnet"),
+        metrics="metrics/train_evalnet.json",
+    params:
+        sections=section("run", "train_evalnet"),
+    resources:
+        gpu=1,
+    conda:
+        "../envs/spectralar.yaml"
+    log:
+        "logs/train_evalnet.log",
+    shell:
+        "python -m spectralar train_evalnet --params params.yaml --metrics metrics/train_evalnet.json --data data/prepared --out models/evalnet 2> {log}"
+
+
+rule reference_stats:
+    input:
+        "spectralar/stages/reference_stats.py",
+        "spectralar/evaluation",
+        "data/prepared",
+        "models/evalnet",  # directory output of train_evalnet
+    output:
+        directory("data/reference"),
+        metrics="metrics/reference_stats.json",
+    params:
+        sections=section("run", "reference_stats"),
+    resources:
+        gpu=1,
+    conda:
+        "../envs/spectralar.yaml"
+    log:
+        "logs/reference_stats.log",
+    shell:
+        "python -m spectralar reference_stats --params params.yaml --metrics metrics/reference_stats.json --data data/prepared --evalnet models/evalnet/evalnet.pt --out data/reference 2> {log}"
+
+
+rule correlation:
+    input:
+        "spectralar/stages/correlation.py",
+        "spectralar/evaluation/correlation.py",
+        "data/prepared",
+    output:
+        directory("reports/correlation"),
+        metrics="metrics/correlation.json",
+    params:
+        sections=section("run", "correlation"),
+    conda:
+        "../envs/spectralar.yaml"
+    log:
+        "logs/correlation.log",
+    shell:
+        "python -m spectralar correlation --params params.yaml --metrics metrics/correlation.json --data data/prepared --out reports/correlation 2> {log}"
