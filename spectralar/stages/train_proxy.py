@@ -101,7 +101,7 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
                          total_steps=cfg.steps, in_memory=train_shards.format == "raw")
     meter = Throughput()
     begin = time.perf_counter()
-    usage = torch.zeros(model_cfg_size(model), dtype=torch.long, device=device)
+    usage = torch.zeros(model.config.codebook_size, dtype=torch.long, device=device)
     restarted = 0
     for step, (images, _, _) in enumerate(loader, start=start):
         set_lr(optimizer, lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
@@ -130,10 +130,6 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
     ema.copy_to(model)
     return {"trained_steps": cfg.steps, "source": "trained", "restarted_codes": restarted,
             "train_seconds": round(time.perf_counter() - begin, 1)}
-
-
-def model_cfg_size(model: ProxyVQModel) -> int:
-    return model.config.codebook_size
 
 
 @torch.no_grad()
