@@ -7,6 +7,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/generator.smk"
 
 
 rule all:
@@ -18,4 +19,7 @@ rule all:
         "metrics/train_evalnet.json",
         "metrics/reference_stats.json",
         "metrics/correlation.json",
+        "metrics/dump_tokens.json",
+        "metrics/train_generator.json",
+        "metrics/sample.json",
     default_target: True

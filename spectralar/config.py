@@ -190,6 +190,10 @@ SECTIONS: dict[str, type | str] = {
     "train_evalnet": "spectralar.stages.train_evalnet:TrainEvalnetConfig",
     "reference_stats": "spectralar.stages.reference_stats:ReferenceStatsConfig",
     "correlation": "spectralar.stages.correlation:CorrelationConfig",
+    "dump_tokens": "spectralar.stages.dump_tokens:DumpTokensConfig",
+    "generator": "spectralar.models.generator:GeneratorConfig",
+    "train_generator": "spectralar.stages.train_generator:TrainGeneratorConfig",
+    "sample": "spectralar.stages.sample:SampleConfig",
 }
 
 

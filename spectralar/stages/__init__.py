@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# Pipeline order. Still to come: dump_tokens, train_generator, sample, evaluate, report.
+# Pipeline order. Still to come: evaluate, report.
 STAGES: tuple[str, ...] = (
     "prepare",
     "train_proxy",
@@ -22,6 +22,9 @@ STAGES: tuple[str, ...] = (
     "train_evalnet",
     "reference_stats",
     "correlation",
+    "dump_tokens",
+    "train_generator",
+    "sample",
 )
 
 

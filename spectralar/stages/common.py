@@ -118,3 +118,23 @@ def token_omegas(cfg) -> tuple[int, ...]:
 
     kind = "nonuniform" if cfg.nonuniform_mapping else "uniform"
     return frequency_schedule(cfg.num_tokens, cfg.image_size, kind)
+
+
+def load_codec(path: str | Path, device: torch.device | str):
+    """The trained tokenizer file (train_tokenizer's EMA weights) as a ready :class:`SpectralCodec`.
+
+    The file rebuilds itself: configs "tokenizer" and "proxy", their weights, and the extras
+    ``omegas`` (ω_1..ω_N) and ``soft`` (stage-2 soft decoding) that the codec needs.
+    """
+    from spectralar.models.codec import SpectralCodec
+    from spectralar.models.proxy_vq import ProxyConfig, ProxyVQModel
+    from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
+
+    state = load_model_file(path, "tokenizer")
+    tokenizer = NestedSpectralTokenizer(config_from_dict(TokenizerConfig, state["configs"]["tokenizer"]))
+    tokenizer.load_state_dict(state["weights"]["tokenizer"])
+    proxy = ProxyVQModel(config_from_dict(ProxyConfig, state["configs"]["proxy"]))
+    proxy.load_state_dict(state["weights"]["proxy"])
+    extra = state["extra"]
+    codec = SpectralCodec(tokenizer, proxy, tuple(extra["omegas"]), soft=bool(extra["soft"]))
+    return codec.to(device).eval()

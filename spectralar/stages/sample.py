@@ -1,0 +1,350 @@
+"""sample: class-conditional generation, truncated generation and spectrum completion (paper §3.3, §4.4).
+
+Samples are drawn with the KV-cached sampler (``spectralar.models.sampling.generate``): classifier-free
+guidance on a doubled batch with VAR's linear ramp, then temperature, top-k, top-p, all from one
+seeded generator. Class order is cyclic (0, 1, ..., C-1, 0, 1, ...), never sorted: ADM's evaluator
+computes IS over the file in order (REFERENCE §4). Outputs under ``--out`` (one directory, atomic):
+
+- ``samples.npz``: ``arr_0`` uint8 (S, H, W, C) in ADM's layout, ``labels`` int64, ``ids`` uint16 (S, N).
+- ``truncated/samples_drop{k}.npz`` for each k > 0 in ``sample.truncate``: the same samples decoded from
+  their first N-k tokens (Table 3). ``generate(num_tokens=N-k)`` with the same seed draws exactly that
+  prefix (the guidance ramp spans all N steps either way), so the prefix of the full run is decoded.
+- ``grid.png`` (one row per class) and ``grid_<index>_<class>.png`` per class.
+- ``progression.png`` / ``progression.gif``: a few samples decoded from 1, 2, ..., N tokens (coarse to fine).
+- ``completion.png``: spectrum completion. One val image per class is tokenized, its first
+  ``completion_prefix`` tokens kept and the rest generated; rows: input (decoded prefix), completion,
+  tokenizer reconstruction (all N tokens), original.
+- ``superres.png`` and ``superres_{upsample,stride,patch}.npz`` (§4.4, Table 3; when
+  ``superres_samples`` > 0): the first samples at 2x resolution. Baseline: bilinear upsampling.
+  Stride / Patch: 4 sub-images (pixels (2i+a, 2j+b), or the 4 quadrants) are upsampled to H x W,
+  their spectrum completed from the first ``completion_prefix`` tokens, and reassembled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spectralar.config import ConfigError
+from spectralar.data.loader import to_float, to_uint8
+from spectralar.data.shards import ImageShards
+from spectralar.io import atomic_path, sha256_file
+from spectralar.models.codec import SpectralCodec
+from spectralar.models.generator import GeneratorConfig, SpectralGPT
+from spectralar.models.sampling import generate
+from spectralar.stages.common import load_codec, stage_device
+from spectralar.stages.train_generator import load_generator
+
+SECTIONS = ("run", "sample")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    num_per_class: int = 100
+    batch_size: int = 250
+    cfg_scale: float = 1.5  # VAR's FID setting
+    cfg_schedule: Literal["constant", "linear"] = "linear"  # linear: VAR's ramp from 0 to cfg_scale
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off (VAR: 900 of 4096 codes)
+    top_p: float = 0.0  # 0 = off (VAR: 0.96)
+    truncate: tuple[int, ...] = (0, 2, 4)  # Table 3: last k tokens dropped; 0 = samples.npz itself
+    progression_samples: int = 4  # samples shown decoded from 1..N tokens (0 = no figure)
+    completion_prefix: int = 4  # tokens kept in spectrum completion (and super-resolution)
+    superres_samples: int = 10  # samples super-resolved 2x, Stride and Patch (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.num_per_class < 1 or self.batch_size < 1:
+            raise ValueError("num_per_class and batch_size must be positive")
+        if self.cfg_scale < 0 or self.temperature <= 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError("need cfg_scale >= 0, temperature > 0, top_k >= 0 and top_p in [0, 1]")
+        if any(k < 0 for k in self.truncate) or min(self.progression_samples, self.superres_samples) < 0:
+            raise ValueError("truncate entries, progression_samples and superres_samples must be >= 0")
+        if self.completion_prefix < 1:
+            raise ValueError(f"completion_prefix must be >= 1, got {self.completion_prefix}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", default="models/generator/generator.pt", help="trained generator file")
+    parser.add_argument("--tokenizer", default="models/tokenizer/tokenizer.pt", help="trained tokenizer file")
+    parser.add_argument("--data", default="data/prepared", help="prepared dataset (val images for completion)")
+    parser.add_argument("--out", default="samples", help="output directory")
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+def cyclic_labels(num_classes: int, num_per_class: int) -> torch.Tensor:
+    """0, 1, ..., C-1, 0, 1, ...: every class equally often and no class-sorted file (REFERENCE §4)."""
+    return torch.arange(num_classes * num_per_class) % num_classes
+
+
+def check_pair(model: SpectralGPT, codec: SpectralCodec, cfg: SampleConfig) -> None:
+    n = model.config.num_tokens
+    if (n, model.config.vocab_size) != (codec.num_tokens, codec.tokenizer.config.codebook_size):
+        raise ValueError(f"generator (N={n}, vocab {model.config.vocab_size}) does not match the tokenizer "
+                         f"(N={codec.num_tokens}, vocab {codec.tokenizer.config.codebook_size})")
+    bad = [k for k in cfg.truncate if k >= n]
+    if bad:
+        raise ConfigError(f"sample.truncate: {bad[0]} tokens dropped leaves nothing of N={n}")
+    if cfg.completion_prefix >= n:
+        raise ConfigError(f"sample.completion_prefix: {cfg.completion_prefix} must be < N={n}")
+
+
+def sample_ids(model: SpectralGPT, labels: torch.Tensor, cfg: SampleConfig, generator: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, float]:
+    """Token ids (S, N) for ``labels`` in batches, and the seconds spent generating."""
+    chunks, seconds = [], 0.0
+    for start in range(0, len(labels), cfg.batch_size):
+        labels_B = labels[start:start + cfg.batch_size].to(device)
+        begin = time.perf_counter()
+        chunks.append(generate(model, labels_B, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               generator=generator, use_kv_cache=True))
+        _synchronize(device)
+        seconds += time.perf_counter() - begin
+    return torch.cat(chunks), seconds
+
+
+@torch.no_grad()
+def decode_uint8(codec: SpectralCodec, ids_Bn: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Images uint8 (B, H, W, C) decoded from the ids' prefix (all n given tokens)."""
+    parts = [to_uint8(codec.decode(ids_Bn[start:start + batch_size])).permute(0, 2, 3, 1).cpu().numpy()
+             for start in range(0, len(ids_Bn), batch_size)]
+    return np.concatenate(parts)
+
+
+def complete_spectrum(model: SpectralGPT, codec: SpectralCodec, images_BCHW: torch.Tensor, labels_B: torch.Tensor,
+                      cfg: SampleConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """§4.4: keep the first k tokens of each image (its low frequencies), generate the rest.
+
+    Returns the completed ids (B, N) and images (B, C, H, W): the decoded prefix ("input"), the
+    completion, the tokenizer's reconstruction from all N tokens and the original.
+    """
+    ids_BN = codec.encode(images_BCHW)
+    prefix_Bk = ids_BN[:, :cfg.completion_prefix]
+    completed_BN = generate(model, labels_B, prefix_ids=prefix_Bk, cfg_scale=cfg.cfg_scale,
+                            cfg_schedule=cfg.cfg_schedule, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, generator=generator, use_kv_cache=True)
+    return {"ids": completed_BN, "input": codec.decode(prefix_Bk), "completion": codec.decode(completed_BN),
+            "reconstruction": codec.decode(ids_BN), "original": images_BCHW}
+
+
+SUBIMAGE_MODES = ("stride", "patch")
+
+
+def split_subimages(images_BCHW: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4, C, H/2, W/2): pixels (2i+a, 2j+b) ("stride") or quadrants ("patch"),
+    sub-image index 2a + b."""
+    B, C, H, W = images_BCHW.shape
+    if mode == "stride":
+        parts = [images_BCHW[..., a::2, b::2] for a in (0, 1) for b in (0, 1)]
+    elif mode == "patch":
+        parts = [images_BCHW[..., a * H // 2:(a + 1) * H // 2, b * W // 2:(b + 1) * W // 2] for a in (0, 1) for b in (0, 1)]
+    else:
+        raise ValueError(f"mode must be one of {SUBIMAGE_MODES}, got {mode!r}")
+    return torch.stack(parts, dim=1)  # (B, 4, C, H/2, W/2)
+
+
+def merge_subimages(subs_B4CHW: torch.Tensor, mode: str) -> torch.Tensor:
+    """Inverse of :func:`split_subimages`: (B, 4, C, h, w) -> (B, C, 2h, 2w)."""
+    B, _, C, h, w = subs_B4CHW.shape
+    out_BCHW = subs_B4CHW.new_empty((B, C, 2 * h, 2 * w))
+    for a in (0, 1):
+        for b in (0, 1):
+            if mode == "stride":
+                out_BCHW[..., a::2, b::2] = subs_B4CHW[:, 2 * a + b]
+            elif mode == "patch":
+                out_BCHW[..., a * h:(a + 1) * h, b * w:(b + 1) * w] = subs_B4CHW[:, 2 * a + b]
+            else:
+                raise ValueError(f"mode must be one of {SUBIMAGE_MODES}, got {mode!r}")
+    return out_BCHW
+
+
+def super_resolve(model: SpectralGPT, codec: SpectralCodec, images_BCHW: torch.Tensor, labels_B: torch.Tensor,
+                  mode: str, cfg: SampleConfig, generator: torch.Generator) -> torch.Tensor:
+    """§4.4: 2x super-resolution (B, C, 2H, 2W) by spectrum completion of 4 upsampled sub-images."""
+    B, C, H, W = images_BCHW.shape
+    subs = split_subimages(images_BCHW, mode).flatten(0, 1)  # (4B, C, H/2, W/2)
+    upsampled = F.interpolate(subs, size=(H, W), mode="bilinear", align_corners=False).clamp(-1, 1)
+    refined = complete_spectrum(model, codec, upsampled, labels_B.repeat_interleave(4), cfg, generator)
+    return merge_subimages(refined["completion"].view(B, 4, C, H, W), mode)  # (B, C, 2H, 2W)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR (dB) of images in [-1, 1] on the [0, 1] scale."""
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((-10 * torch.log10(mse)).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures (Pillow only: byte-identical reruns)
+# ------------------------------------------------------------------------------------------------
+
+def tile(images_NHWC: np.ndarray, columns: int, scale: int = 2, pad: int = 2):
+    """A Pillow image of uint8 (N, H, W, C) images in rows of ``columns``, upscaled ``scale``x."""
+    from PIL import Image
+
+    n, h, w, c = images_NHWC.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images_NHWC):
+        r, col = divmod(i, columns)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+    picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
+
+
+def write_grids(directory: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                per_row: int = 8) -> None:
+    """grid.png: a row of samples per class; grid_<index>_<class>.png: up to 8 rows of one class."""
+    rows = [images[labels == c][:per_row] for c in range(len(class_names))]
+    width = min(len(r) for r in rows)
+    tile(np.concatenate([r[:width] for r in rows]), width).save(directory / "grid.png")
+    for index, name in enumerate(class_names):
+        own = images[labels == index][:per_row * per_row]
+        tile(own, min(per_row, len(own))).save(directory / f"grid_{index}_{slug(name)}.png")
+
+
+@torch.no_grad()
+def write_progression(directory: Path, codec: SpectralCodec, ids_BN: torch.Tensor) -> None:
+    """Decoded prefixes 1..N of a few samples: a PNG (row = sample, column = prefix) and a GIF."""
+    n = ids_BN.shape[1]
+    frames = [decode_uint8(codec, ids_BN[:, :i], len(ids_BN)) for i in range(1, n + 1)]  # N x (B, H, W, C)
+    by_sample = np.stack(frames, axis=1).reshape(-1, *frames[0].shape[1:])  # (B*N, H, W, C) row-major
+    tile(by_sample, n).save(directory / "progression.png")
+    strips = [tile(frame, len(frame), scale=4) for frame in frames]
+    durations = [300] * (n - 1) + [1500]  # hold the finished image
+    strips[0].save(directory / "progression.gif", save_all=True, append_images=strips[1:], duration=durations,
+                   loop=0)
+
+
+def write_superres(directory: Path, model: SpectralGPT, codec: SpectralCodec, images_BHWC: np.ndarray,
+                   labels_B: torch.Tensor, cfg: SampleConfig, seed: int, device: torch.device) -> None:
+    """superres_{upsample,stride,patch}.npz (ADM layout) and superres.png (a row per method)."""
+    x = to_float(torch.from_numpy(images_BHWC).permute(0, 3, 1, 2).to(device))  # (B, C, H, W)
+    results = {"upsample": F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)}
+    for mode in SUBIMAGE_MODES:
+        generator = torch.Generator(device).manual_seed(seed)
+        results[mode] = super_resolve(model, codec, x, labels_B.to(device), mode, cfg, generator)
+    rows = []
+    for name, images in results.items():
+        array = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        np.savez(directory / f"superres_{name}.npz", arr_0=array, labels=labels_B.numpy().astype(np.int64))
+        rows.append(array)
+    tile(np.concatenate(rows), len(images_BHWC)).save(directory / "superres.png")
+
+
+def completion_inputs(shards: ImageShards, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first val image of every class that has one: images uint8 (B, C, H, W), labels (B,)."""
+    index = [int(np.flatnonzero(shards.labels == c)[0]) for c in range(num_classes) if (shards.labels == c).any()]
+    images = torch.from_numpy(shards.images(np.asarray(index))).permute(0, 3, 1, 2)
+    return images, torch.from_numpy(shards.labels[index])
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage
+# ------------------------------------------------------------------------------------------------
+
+def _load(ctx, device: torch.device) -> tuple[SpectralGPT, SpectralCodec, dict]:
+    model, extra = load_generator(ctx.args.generator, device)
+    codec = load_codec(ctx.args.tokenizer, device)
+    check_pair(model, codec, ctx.params.sample)
+    trained_on = extra.get("tokenizer_sha256")
+    if trained_on and trained_on != sha256_file(ctx.args.tokenizer):
+        raise ValueError(f"{ctx.args.generator} was trained on the tokens of another tokenizer than "
+                         f"{ctx.args.tokenizer}: rerun dump_tokens and train_generator")
+    return model, codec, extra
+
+
+def run(ctx) -> dict:
+    cfg: SampleConfig = ctx.params.sample
+    device = stage_device(ctx.params.run.device)
+    model, codec, extra = _load(ctx, device)
+    n, num_classes = model.config.num_tokens, model.config.num_classes
+    class_names = list(extra.get("class_names") or [str(c) for c in range(num_classes)])
+    labels = cyclic_labels(num_classes, cfg.num_per_class)
+    generator = torch.Generator(device).manual_seed(ctx.params.run.seed)
+    ids, generate_seconds = sample_ids(model, labels, cfg, generator, device)
+    begin = time.perf_counter()
+    images = decode_uint8(codec, ids, cfg.batch_size)
+    decode_seconds = time.perf_counter() - begin
+    labels_np = labels.numpy().astype(np.int64)
+    ctx.log.info("generated %d samples: %.1f images/s (KV cache), decoding %.1f images/s", len(ids),
+                 len(ids) / generate_seconds, len(ids) / decode_seconds)
+    val_images, val_labels = completion_inputs(ImageShards(ctx.args.data, "val"), num_classes)
+    completion = complete_spectrum(model, codec, to_float(val_images.to(device)), val_labels.to(device), cfg,
+                                   torch.Generator(device).manual_seed(ctx.params.run.seed + 1))
+    out = Path(ctx.args.out)
+    with atomic_path(out, directory=True) as tmp:
+        np.savez(tmp / "samples.npz", arr_0=images, labels=labels_np, ids=ids.cpu().numpy().astype(np.uint16))
+        dropped = sorted({k for k in cfg.truncate if k > 0})
+        if dropped:
+            (tmp / "truncated").mkdir()
+        for k in dropped:
+            np.savez(tmp / "truncated" / f"samples_drop{k}.npz", arr_0=decode_uint8(codec, ids[:, :n - k], cfg.batch_size),
+                     labels=labels_np)
+        write_grids(tmp, images, labels_np, class_names)
+        if cfg.progression_samples:
+            write_progression(tmp, codec, ids[:cfg.progression_samples])
+        rows = [to_uint8(completion[key]).permute(0, 2, 3, 1).cpu().numpy()
+                for key in ("input", "completion", "reconstruction", "original")]
+        tile(np.concatenate(rows), len(rows[0])).save(tmp / "completion.png")
+        if cfg.superres_samples:
+            write_superres(tmp, model, codec, images[:cfg.superres_samples], labels[:cfg.superres_samples], cfg,
+                           ctx.params.run.seed + 2, device)
+        ctx.write_config(tmp, num_samples=len(ids), class_names=class_names, num_tokens=n)
+    return {
+        "num_samples": len(ids),
+        "images_per_second": round(len(ids) / generate_seconds, 1),  # generation with KV cache
+        "decode_images_per_second": round(len(ids) / decode_seconds, 1),
+        "truncate": list(cfg.truncate),
+        "completion_prefix": cfg.completion_prefix,
+        "completion_psnr_input": round(psnr(completion["input"], completion["original"]), 3),
+        "completion_psnr": round(psnr(completion["completion"], completion["original"]), 3),
+        "completion_psnr_reconstruction": round(psnr(completion["reconstruction"], completion["original"]), 3),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark (hooked to the CLI by spectralar.bench)
+# ------------------------------------------------------------------------------------------------
+
+def benchmark_sampling(config: GeneratorConfig, device: str | torch.device = "cpu", batch: int = 64,
+                       repeats: int = 2, cfg_scale: float = 1.5) -> dict:
+    """Generation images/s of a randomly initialised generator with and without the KV cache."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = SpectralGPT(config).to(device).eval()
+    labels = cyclic_labels(config.num_classes, -(-batch // config.num_classes))[:batch].to(device)
+    result: dict = {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
+                    "parameters": sum(p.numel() for p in model.parameters())}
+    for cached in (True, False):
+        generator = torch.Generator(device).manual_seed(0)
+        generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)  # warm-up
+        _synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)
+        _synchronize(device)
+        rate = batch * repeats / (time.perf_counter() - begin)
+        result["images_per_second_" + ("kv_cache" if cached else "no_cache")] = round(rate, 1)
+    result["kv_cache_speedup"] = round(result["images_per_second_kv_cache"] / result["images_per_second_no_cache"], 2)
+    return result
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,384 @@
+"""train_generator: the class-conditional spectral AR generator, VAR's recipe (paper §3.3, §4.1).
+
+Next-token prediction over the N spectral token ids of each image (eq. 8), the class embedding as
+the start token, labels dropped to the null class with probability ``generator.class_dropout`` for
+classifier-free guidance. Recipe (REFERENCE §3): AdamW betas (0.9, 0.95), weight decay 0.05, peak
+lr = base_lr * batch / 256, linear warmup then linear decay to ``final_lr`` (VAR's "lin0"), gradient
+clipping 2.0, EMA of the weights, bf16 autocast on CUDA.
+
+Multi-GPU / multi-node: launch with torchrun; every rank takes its contiguous slice of the same
+global batch (``spectralar.data.loader.global_batch_indices``) and the label dropout is drawn on
+the global batch from a per-step generator, so 1 process and R processes with the same global
+batch train the same model (tested with 2 gloo processes on CPU) -- up to drop path and dropout,
+whose masks are drawn per sample on each rank. Those draws come from the global RNG reseeded at
+every step from (seed, step, rank), so a resumed run repeats them without any saved RNG state.
+Checkpoints and resume work as in train_tokenizer: rank 0 saves, every rank loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectralar.config import ConfigError
+from spectralar.data.loader import global_batch_indices
+from spectralar.io import atomic_path
+from spectralar.models.generator import GeneratorConfig, SpectralGPT
+from spectralar.stages.common import Checkpointer, config_from_dict, load_model_file, save_model_file, stage_device
+from spectralar.stages.dump_tokens import load_tokens
+from spectralar.stages.train_tokenizer import step_generator, write_history
+from spectralar.training import (
+    EMA,
+    Throughput,
+    all_reduce_mean,
+    autocast,
+    build_adamw,
+    check_finite,
+    cleanup,
+    init_distributed,
+    lr_at,
+    mfu,
+    model_flops_per_sample,
+    peak_flops,
+    set_lr,
+)
+
+SECTIONS = ("run", "generator", "train_generator")
+
+
+@dataclass(frozen=True)
+class TrainGeneratorConfig:
+    batch_size: int = 64  # global batch, split evenly over the processes
+    steps: int = 300
+    base_lr: float = 1e-4  # VAR: peak lr = base_lr * batch_size / 256
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 30  # VAR: epochs / 50
+    final_lr: float = 1e-6
+    grad_clip: float = 2.0
+    ema_decay: float = 0.999
+    bf16: bool = True  # autocast on CUDA
+    checkpoint_every: int = 100
+    log_every: int = 25
+    val_images: int = 1000  # held-out teacher-forced loss/accuracy on the EMA weights (0 = skip)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError("batch_size and steps must be positive")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.base_lr < 0 or self.final_lr < 0 or self.grad_clip <= 0:
+            raise ValueError("base_lr and final_lr must be >= 0 and grad_clip > 0")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.val_images < 0:
+            raise ValueError("checkpoint_every and log_every must be positive, val_images >= 0")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", default="data/tokens", help="dump_tokens output")
+    parser.add_argument("--out", default="models/generator", help="output directory (generator.pt, history.csv)")
+    parser.add_argument("--checkpoints", default="runs/checkpoints/train_generator", help="resumable checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model pieces
+# ------------------------------------------------------------------------------------------------
+
+class TeacherForced(nn.Module):
+    """SpectralGPT's training forward without its own label dropout.
+
+    The labels arrive already dropped (on the global batch, so the result does not depend on the
+    number of processes); this is the module DistributedDataParallel wraps.
+    """
+
+    def __init__(self, model: SpectralGPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        k, n = self.model.config.tokens_per_step, ids_BN.shape[1]
+        cond_BC = self.model.class_condition(labels_B)  # (B, C)
+        return self.model.logits_from_prefix(cond_BC, ids_BN[:, : n - k])  # (B, N, V)
+
+
+def check_compatible(cfg: GeneratorConfig, manifest: dict, source: str = "data/tokens/manifest.json") -> None:
+    """The generator's vocabulary, length and classes must be the tokenizer's and the dataset's."""
+    for key, actual, what in (("vocab_size", manifest["vocab"], "the tokenizer's codebook size"),
+                              ("num_tokens", manifest["num_tokens"], "the tokenizer's token count N"),
+                              ("num_classes", manifest["num_classes"], "the number of dataset classes")):
+        if getattr(cfg, key) != actual:
+            raise ConfigError(f"generator.{key}: {getattr(cfg, key)} but {what} is {actual} ({source}); "
+                              f"set generator.{key}: {actual}")
+
+
+def matmul_parameters(model: SpectralGPT) -> int:
+    """Parameters that cost matmul FLOPs: all but the embedding tables (PaLM's MFU accounting)."""
+    tables = {"class_embedding.weight", "token_embedding.weight", "position_embedding"}
+    return sum(p.numel() for name, p in model.named_parameters() if name not in tables)
+
+
+def flops_per_image(model: SpectralGPT) -> float:
+    """Training FLOPs per image of N tokens: N·(6·P + 12·L·N·C) (spectralar.training.meter)."""
+    cfg = model.config
+    return model_flops_per_sample(matmul_parameters(model), cfg.num_tokens, layers=cfg.depth,
+                                  width=cfg.resolved_width)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global RNG at ``step`` on ``rank`` (drop path, dropout): resume needs no RNG state."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def load_generator(path: str | Path, device: torch.device | str) -> tuple[SpectralGPT, dict]:
+    """(model in eval mode, extras) from a generator.pt written by this stage."""
+    state = load_model_file(path, "generator")
+    model = SpectralGPT(config_from_dict(GeneratorConfig, state["configs"]["generator"]))
+    model.load_state_dict(state["weights"]["generator"])
+    return model.to(device).eval(), dict(state["extra"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+class History:
+    """Logged rows plus the loss/accuracy sums of the current log window; checkpointed, so a
+    resumed run writes the same history.csv as an uninterrupted one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.rows: list[dict] = []
+        self.window = torch.zeros(2, device=device)  # sums of loss and accuracy since the last log
+        self.window_steps = 0
+
+    def add(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
+        self.window += torch.stack((loss, accuracy))
+        self.window_steps += 1
+
+    def take_means(self) -> torch.Tensor:
+        """Window means (loss, accuracy), averaged over processes; starts a new window."""
+        means = all_reduce_mean(self.window / self.window_steps)
+        self.window.zero_()
+        self.window_steps = 0
+        return means
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(row) for row in self.rows], "window": self.window.cpu(),
+                "window_steps": self.window_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [dict(row) for row in state["rows"]]
+        self.window = state["window"].to(self.window.device)
+        self.window_steps = int(state["window_steps"])
+
+
+class Trainer:
+    def __init__(self, ctx) -> None:
+        self.ctx, self.cfg = ctx, ctx.params.train_generator
+        self.model_cfg: GeneratorConfig = ctx.params.generator
+        self.seed = ctx.params.run.seed
+        stage_device(ctx.params.run.device)  # TF32 matmuls on CUDA
+        self.dist = init_distributed(device_preference=ctx.params.run.device)
+        self.device = self.dist.device
+        self.manifest, self.ids, self.labels = load_tokens(ctx.args.tokens, "train")
+        check_compatible(self.model_cfg, self.manifest, str(Path(ctx.args.tokens) / "manifest.json"))
+        if self.cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"train_generator.batch_size: {self.cfg.batch_size} is not divisible by the "
+                              f"{self.dist.world_size} processes")
+        self.local_batch = self.cfg.batch_size // self.dist.world_size
+        self.model = SpectralGPT(self.model_cfg).to(self.device)
+        self.net: nn.Module = TeacherForced(self.model)
+        if self.dist.is_distributed:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
+        params_digest = ctx.params.digest(SECTIONS)
+        digest = hashlib.sha256(f"{params_digest}:{self.manifest['tokenizer_sha256']}".encode()).hexdigest()[:16]
+        self.checkpointer = Checkpointer(ctx.args.checkpoints, digest)
+        self.history = History(self.device)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch of ``step``: ids (b, N), labels (b,) after dropout."""
+        index = global_batch_indices(step, num_items=len(self.ids), batch_size=self.cfg.batch_size, seed=self.seed)
+        labels_B = torch.from_numpy(self.labels[index])
+        # CFG label dropout on the *global* batch from a per-step generator: every process count and a
+        # resumed run drop the same labels (the model is in training mode, so drop_labels draws).
+        labels_B = self.model.drop_labels(labels_B, step_generator(self.seed, step))
+        mine = slice(self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch)
+        ids_bN = torch.from_numpy(self.ids[index[mine]].astype(np.int64))
+        return ids_bN.to(self.device, non_blocking=True), labels_B[mine].to(self.device, non_blocking=True)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        optimizer = build_adamw(self.model, lr=cfg.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        objects = {"model": self.model, "optimizer": optimizer, "ema": EMA(self.model, cfg.ema_decay, warmup=True),
+                   "history": self.history}
+        start = self.checkpointer.resume(objects)
+        self.model.train()
+        meter, begin = Throughput(), time.perf_counter()
+        for step in range(start, cfg.steps):
+            terms = self._train_step(step, optimizer)
+            self.history.add(terms["loss"], terms["accuracy"])
+            objects["ema"].update(self.model)
+            meter.update(self.cfg.batch_size)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                self._log(step + 1, self.history.take_means(), terms, meter.rate)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and self.dist.is_main:
+                self.checkpointer.save(step + 1, objects)
+        objects["ema"].copy_to(self.model)
+        seconds = time.perf_counter() - begin
+        return {"train_seconds": round(seconds, 1), "steps": cfg.steps, "resumed_from_step": start,
+                "images_per_second": round(meter.rate, 1),
+                "tokens_per_second": round(meter.rate * self.model_cfg.num_tokens, 1)}
+
+    def _train_step(self, step: int, optimizer: torch.optim.Optimizer) -> dict:
+        cfg = self.cfg
+        ids_bN, labels_b = self.batch(step)
+        torch.manual_seed(step_seed(self.seed, step, self.dist.rank))  # drop path draws
+        with autocast(self.device, cfg.bf16):
+            logits_bNV = self.net(ids_bN, labels_b)
+        logits_bNV = logits_bNV.float()
+        loss = F.cross_entropy(logits_bNV.flatten(0, 1), ids_bN.flatten())
+        check_finite(loss, step, {"loss": loss})
+        lr = lr_at(step, base_lr=cfg.peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                   schedule="linear", final_lr=cfg.final_lr)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        accuracy = (logits_bNV.detach().argmax(-1) == ids_bN).float().mean()
+        return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm.detach(), "lr": lr}
+
+    def _log(self, step: int, means: torch.Tensor, terms: dict, images_per_second: float) -> None:
+        loss, accuracy = (float(v) for v in means.cpu())
+        row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": terms["lr"],
+               "grad_norm": float(terms["grad_norm"]),
+               "tokens_per_s": round(images_per_second * self.model_cfg.num_tokens, 1)}
+        self.history.rows.append(row)
+        if self.dist.is_main:
+            self.ctx.log.info("step %d/%d loss %.4f acc %.4f lr %.3g grad %.3g %.0f tok/s", step, self.cfg.steps,
+                              loss, accuracy, row["lr"], row["grad_norm"], row["tokens_per_s"])
+            self.ctx.tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+
+
+@torch.no_grad()
+def evaluate(model: SpectralGPT, ids: np.ndarray, labels: np.ndarray, count: int, device: torch.device,
+             bf16: bool, batch_size: int = 500) -> dict:
+    """Teacher-forced loss / next-token accuracy on the first ``count`` sequences (true labels)."""
+    model.eval()
+    net, count = TeacherForced(model), min(count, len(ids))
+    loss_sum, correct = 0.0, 0.0
+    for start in range(0, count, batch_size):
+        ids_BN = torch.from_numpy(ids[start:start + batch_size][: count - start].astype(np.int64)).to(device)
+        labels_B = torch.from_numpy(labels[start:start + len(ids_BN)]).to(device)
+        with autocast(device, bf16):
+            logits_BNV = net(ids_BN, labels_B).float()
+        loss_sum += float(F.cross_entropy(logits_BNV.flatten(0, 1), ids_BN.flatten(), reduction="sum"))
+        correct += float((logits_BNV.argmax(-1) == ids_BN).sum())
+    tokens = count * ids.shape[1]
+    return {"val_loss": round(loss_sum / tokens, 5), "val_accuracy": round(correct / tokens, 5), "val_images": count}
+
+
+def _write_outputs(ctx, trainer: Trainer, metrics: dict) -> None:
+    out = Path(ctx.args.out)
+    manifest = trainer.manifest
+    extra = {"class_names": list(manifest["class_names"]), "omegas": list(manifest["omegas"]),
+             "tokenizer_sha256": manifest["tokenizer_sha256"], "steps": trainer.cfg.steps}
+    with atomic_path(out, directory=True) as tmp:
+        save_model_file(tmp / "generator.pt", "generator", {"generator": trainer.model_cfg},
+                        {"generator": trainer.model.state_dict()}, extra)
+        write_history(tmp / "history.csv", trainer.history.rows)
+        ctx.write_config(tmp, peak_lr=trainer.cfg.peak_lr, world_size=trainer.dist.world_size,
+                         width=trainer.model_cfg.resolved_width, heads=trainer.model_cfg.resolved_heads,
+                         drop_path_rate=trainer.model_cfg.resolved_drop_path_rate,
+                         parameters=metrics["parameters"])
+    for name in ("history.csv", "config.json"):
+        ctx.tracker.log_artifact(out / name)
+    if ctx.params.tracking.log_checkpoints:
+        ctx.tracker.log_artifact(out / "generator.pt")
+
+
+def run(ctx) -> dict:
+    trainer = Trainer(ctx)
+    try:
+        fit = trainer.fit()
+        metrics = {**fit, "parameters": sum(p.numel() for p in trainer.model.parameters()),
+                   "world_size": trainer.dist.world_size, "peak_lr": trainer.cfg.peak_lr,
+                   "train_loss": round(trainer.history.rows[-1]["loss"], 5),
+                   "train_accuracy": round(trainer.history.rows[-1]["accuracy"], 5)}
+        utilisation = mfu(flops_per_image(trainer.model), fit["images_per_second"], peak_flops(trainer.device),
+                          trainer.dist.world_size)
+        metrics["mfu"] = None if utilisation is None else round(utilisation, 4)
+        if trainer.cfg.val_images:
+            _, val_ids, val_labels = load_tokens(ctx.args.tokens, "val")
+            metrics |= evaluate(trainer.model, val_ids, val_labels, trainer.cfg.val_images, trainer.device,
+                                trainer.cfg.bf16)
+        if trainer.dist.is_main:
+            _write_outputs(ctx, trainer, metrics)
+            trainer.checkpointer.clear()  # only now that every output is written
+            ctx.log.info("generator: train loss %s acc %s, val loss %s acc %s, %.0f tokens/s",
+                         metrics["train_loss"], metrics["train_accuracy"], metrics.get("val_loss"),
+                         metrics.get("val_accuracy"), metrics["tokens_per_second"])
+        return metrics
+    finally:
+        cleanup()
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark (hooked to the CLI by spectralar.bench)
+# ------------------------------------------------------------------------------------------------
+
+def benchmark(config: GeneratorConfig, device: str | torch.device = "cpu", batch: int = 64, steps: int = 10,
+              warmup: int = 2, bf16: bool = True, peak: Optional[float] = None) -> dict:
+    """Training throughput of the generator on random tokens: forward, backward and AdamW per step.
+
+    Returns tokens/s, images/s, parameters, FLOPs per image and MFU (None on CPU unless ``peak``,
+    the device's peak FLOP/s, is given).
+    """
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    model = SpectralGPT(config).to(device).train()
+    net = TeacherForced(model)
+    optimizer = build_adamw(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    ids_BN = torch.randint(0, config.vocab_size, (batch, config.num_tokens), generator=generator).to(device)
+    labels_B = torch.randint(0, config.num_classes + 1, (batch,), generator=generator).to(device)
+
+    def one_step() -> None:
+        with autocast(device, bf16):
+            logits_BNV = net(ids_BN, labels_B)
+        loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), ids_BN.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        one_step()
+    _synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    _synchronize(device)
+    images_per_second = batch * steps / (time.perf_counter() - begin)
+    flops = flops_per_image(model)
+    utilisation = mfu(flops, images_per_second, peak_flops(device, peak))
+    return {"device": str(device), "batch": batch, "steps": steps,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "images_per_second": round(images_per_second, 1),
+            "tokens_per_second": round(images_per_second * config.num_tokens, 1),
+            "flops_per_image": flops, "mfu": None if utilisation is None else round(utilisation, 4)}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,332 @@
+"""dump_tokens -> train_generator -> sample on a tiny config: outputs, DDP parity, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spectralar.config import ConfigError
+from spectralar.data.loader import to_float
+from spectralar.data.shards import ImageShards
+from spectralar.models.generator import GeneratorConfig
+from spectralar.models.sampling import generate
+from spectralar.stages.common import load_codec, load_model_file
+from tests.conftest import REPO, TINY, make_fashion_dir, write_params
+from tests.test_tokenizer_stages import Project
+
+N_TOKENS, VOCAB = TINY["generator.num_tokens"], TINY["generator.vocab_size"]
+
+
+class GeneratorProject(Project):
+    """The tokenizer Project plus the three generator stages, all under one temporary root."""
+
+    def argv(self, stage: str) -> list[str]:
+        r = self.root
+        paths = {
+            "dump_tokens": ["--data", r / "prepared", "--tokenizer", r / "tokenizer/tokenizer.pt", "--out", r / "tokens"],
+            "train_generator": ["--tokens", r / "tokens", "--out", r / "generator", "--checkpoints", r / "ck_gen"],
+            "sample": ["--generator", r / "generator/generator.pt", "--tokenizer", r / "tokenizer/tokenizer.pt",
+                       "--data", r / "prepared", "--out", r / "samples"],
+        }.get(stage)
+        if paths is None:
+            return super().argv(stage)
+        return [stage, "--params", str(self.params), "--metrics", str(r / f"{stage}.json"), *map(str, paths)]
+
+    def set_params(self, overrides: dict) -> None:
+        fashion = self.root.parent / "fashion"
+        self.params = write_params(self.root / "params.yaml",
+                                   {"data.fashion_mnist_dir": str(fashion), **TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> Path:
+    """prepare -> train_proxy -> extract_proxy_codes -> train_tokenizer -> dump_tokens, once per module."""
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("generator_stages")
+    fashion = make_fashion_dir(base / "fashion")
+    (base / "template").mkdir()
+    project = GeneratorProject(base / "template", fashion)
+    project.run_all()
+    project.run("dump_tokens")
+    return project.root
+
+
+@pytest.fixture
+def project(tokenized, tmp_path) -> GeneratorProject:
+    """A private copy of the tokenized project (each test writes its own generator and samples)."""
+    torch.set_num_threads(1)
+    root = tmp_path / "p"
+    (tmp_path / "fashion").symlink_to(tokenized.parent / "fashion")
+    root.mkdir()
+    for name in ("prepared", "tokenizer", "tokens"):
+        shutil.copytree(tokenized / name, root / name)
+    project = GeneratorProject.__new__(GeneratorProject)
+    project.root = root
+    project.set_params({})
+    return project
+
+
+def _history(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+# ------------------------------------------------------------------------------------------ dump_tokens
+
+def test_dump_tokens_are_the_codec_ids_of_the_train_split(project, tmp_path):
+    root = project.root
+    manifest = json.loads((root / "tokens" / "manifest.json").read_text())
+    assert manifest["num_tokens"] == N_TOKENS and manifest["vocab"] == VOCAB and manifest["num_classes"] == 10
+    assert manifest["omegas"] == [1, 2, 3, 4, 6, 8, 20, 32] and len(manifest["tokenizer_sha256"]) == 64
+    ids, labels = np.load(root / "tokens" / "train.npy"), np.load(root / "tokens" / "labels.npy")
+    assert ids.shape == (60, N_TOKENS) and ids.dtype == np.uint16 and labels.dtype == np.int64
+    shards = ImageShards(root / "prepared", "train")
+    assert np.array_equal(labels, shards.labels)
+    # independent path: the codec on images taken one at a time (other batching than the stage's)
+    codec = load_codec(root / "tokenizer" / "tokenizer.pt", "cpu")
+    for index in (0, 17, 59):
+        image = torch.from_numpy(shards.images([index])).permute(0, 3, 1, 2)
+        assert np.array_equal(codec.encode(to_float(image))[0].numpy(), ids[index].astype(np.int64))
+    assert np.load(root / "tokens" / "val.npy").shape == (20, N_TOKENS)
+    # deterministic: a rerun with another batch size writes identical tables
+    project.set_params({"dump_tokens.batch_size": 7})
+    argv = project.argv("dump_tokens")
+    argv[argv.index(str(root / "tokens"))] = str(tmp_path / "tokens2")
+    from spectralar.cli import build_parser, run_stage
+
+    run_stage("dump_tokens", build_parser().parse_args(argv))
+    for name in ("train.npy", "labels.npy", "val.npy", "manifest.json"):
+        assert (tmp_path / "tokens2" / name).read_bytes() == (root / "tokens" / name).read_bytes(), name
+
+
+def test_load_codec_needs_a_tokenizer_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the stage"):
+        load_codec(tmp_path / "absent.pt", "cpu")
+
+
+# ------------------------------------------------------------------------------------------ train_generator
+
+def test_train_generator_outputs_and_checkpoint_round_trip(project):
+    from spectralar.stages.train_generator import load_generator
+
+    metrics = project.run("train_generator")
+    root = project.root
+    for name in ("generator.pt", "history.csv", "config.json"):
+        assert (root / "generator" / name).is_file(), name
+    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["peak_lr"] == pytest.approx(4e-3 * 8 / 256)
+    assert 0 < metrics["train_loss"] < 10 and 0 <= metrics["val_accuracy"] <= 1 and metrics["val_images"] == 10
+    assert metrics["tokens_per_second"] > 0 and metrics["mfu"] is None  # no peak FLOP/s on CPU
+    history = _history(root / "generator" / "history.csv")
+    assert [row["step"] for row in history] == [2, 4, 6]
+    assert not list((root / "ck_gen").glob("step_*.pt"))  # finished: nothing left to resume
+    # round trip: the file rebuilds the same model (config + EMA weights)
+    state = load_model_file(root / "generator" / "generator.pt", "generator")
+    model, extra = load_generator(root / "generator" / "generator.pt", "cpu")
+    assert model.config == GeneratorConfig(**{**state["configs"]["generator"]})
+    assert all(torch.equal(v, state["weights"]["generator"][k]) for k, v in model.state_dict().items())
+    assert extra["class_names"][0] == "T-shirt/top" and not model.training
+    ids = torch.from_numpy(np.load(root / "tokens" / "val.npy")[:4].astype(np.int64))
+    logits = model(ids, torch.arange(4))
+    assert logits.shape == (4, N_TOKENS, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_generator_must_match_the_tokens(project):
+    project.set_params({"generator.vocab_size": 64})
+    with pytest.raises(ConfigError, match=r"generator.vocab_size: 64 .* codebook size is 32"):
+        project.run("train_generator")
+    project.set_params({"generator.num_tokens": 16})
+    with pytest.raises(ConfigError, match=r"generator.num_tokens: 16 .* token count N is 8"):
+        project.run("train_generator")
+    project.set_params({"generator.num_classes": 11})
+    with pytest.raises(ConfigError, match=r"generator.num_classes: 11"):
+        project.run("train_generator")
+
+
+def test_killed_generator_run_resumes_bit_identically(project, monkeypatch):
+    import spectralar.stages.train_generator as stage
+
+    # drop path and dropout on: their draws must repeat after a resume too
+    project.set_params({"generator.drop_path_rate": 0.2, "generator.dropout": 0.1, "train_generator.steps": 8,
+                        "train_generator.checkpoint_every": 3})
+    reference = project.run("train_generator")
+    expected = load_model_file(project.root / "generator" / "generator.pt", "generator")["weights"]["generator"]
+    expected_history = _history(project.root / "generator" / "history.csv")
+    original = stage.Trainer._log
+
+    def dies_after_step_4(self, step, *args):
+        original(self, step, *args)
+        if step == 4:  # after the checkpoint of step 3
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(stage.Trainer, "_log", dies_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        project.run("train_generator")
+    assert [p.name for p in (project.root / "ck_gen").glob("step_*.pt")] == ["step_00000003.pt"]
+    monkeypatch.setattr(stage.Trainer, "_log", original)
+    resumed = project.run("train_generator")
+    assert resumed["resumed_from_step"] == 3
+    actual = load_model_file(project.root / "generator" / "generator.pt", "generator")["weights"]["generator"]
+    assert all(torch.equal(value, actual[key]) for key, value in expected.items())
+    history = _history(project.root / "generator" / "history.csv")
+    assert [(r["step"], r["loss"], r["accuracy"]) for r in history] == \
+        [(r["step"], r["loss"], r["accuracy"]) for r in expected_history]
+    assert resumed["val_loss"] == reference["val_loss"]
+
+
+def test_two_processes_reproduce_the_single_process_loss_curve(project):
+    """torchrun with 2 gloo processes, each half of the same global batch == 1 process (issue text)."""
+    overrides = {"generator.drop_path_rate": 0.0, "train_generator.log_every": 1, "run.device": "cpu",
+                 "train_generator.checkpoint_every": 100}
+    project.set_params(overrides)
+    single = project.run("train_generator")
+    one = _history(project.root / "generator" / "history.csv")
+    argv = project.argv("train_generator")
+    for flag, value in (("--out", "generator2"), ("--checkpoints", "ck_gen2"), ("--metrics", "two.json")):
+        argv[argv.index(flag) + 1] = str(project.root / value)
+    env = dict(os.environ, SPECTRALAR_TRACKING="0", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "spectralar", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = _history(project.root / "generator2" / "history.csv")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["accuracy"] - b["accuracy"]) < 1e-6, (a, b)
+    metrics = json.loads((project.root / "two.json").read_text())
+    assert metrics["world_size"] == 2 and abs(metrics["val_loss"] - single["val_loss"]) < 1e-4
+
+
+def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):
+    """Rank r's labels are rows r·b..(r+1)·b of the single-process batch, dropped labels included."""
+    from spectralar.cli import StageContext
+    from spectralar.config import load_params
+    from spectralar.log import get_logger
+    from spectralar.stages.train_generator import Trainer
+    from spectralar.training import DistributedContext
+
+    project.set_params({"generator.class_dropout": 0.5, "train_generator.batch_size": 8})
+    args = type("Args", (), {"tokens": str(project.root / "tokens"), "checkpoints": str(project.root / "ck")})()
+    ctx = StageContext("train_generator", load_params(project.params), args, (), None, get_logger())
+    trainer = Trainer(ctx)
+    full_ids, full_labels = trainer.batch(5)
+    assert (full_labels == 10).any() and (full_labels != 10).any()  # some dropped to the null class
+    for rank in (0, 1):
+        trainer.dist = DistributedContext(rank, rank, 2, torch.device("cpu"), rank == 0)
+        trainer.local_batch = 4
+        ids, labels = trainer.batch(5)
+        assert torch.equal(ids, full_ids[4 * rank:4 * rank + 4]) and torch.equal(labels, full_labels[4 * rank:4 * rank + 4])
+
+
+# ------------------------------------------------------------------------------------------ sample
+
+def test_sample_outputs_are_seeded_cyclic_and_truncated(project):
+    from PIL import Image
+
+    from spectralar.stages.train_generator import load_generator
+
+    project.run("train_generator")
+    metrics = project.run("sample")
+    out = project.root / "samples"
+    samples = np.load(out / "samples.npz")
+    assert samples["arr_0"].shape == (20, 32, 32, 1) and samples["arr_0"].dtype == np.uint8
+    assert samples["labels"].tolist() == list(range(10)) * 2  # cyclic, not sorted
+    assert metrics["num_samples"] == 20 and metrics["images_per_second"] > 0
+    # Table 3: the drop-2 file decodes the first N-2 tokens, which a run of N-2 tokens would draw too
+    codec = load_codec(project.root / "tokenizer" / "tokenizer.pt", "cpu")
+    ids = torch.from_numpy(samples["ids"].astype(np.int64))
+    dropped = np.load(out / "truncated" / "samples_drop2.npz")
+    from spectralar.data.loader import to_uint8
+
+    assert np.array_equal(dropped["arr_0"], to_uint8(codec.decode(ids[:, :N_TOKENS - 2])).permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(samples["arr_0"], to_uint8(codec.decode(ids)).permute(0, 2, 3, 1).numpy())
+    assert not (out / "truncated" / "samples_drop0.npz").exists()
+    model, _ = load_generator(project.root / "generator" / "generator.pt", "cpu")
+    cfg = project_sample_config(project)
+    short = generate(model, torch.arange(8) % 10, num_tokens=N_TOKENS - 2, cfg_scale=cfg.cfg_scale,
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(short, ids[:8, :N_TOKENS - 2])  # first batch of the stage, same seed
+    for name in ("grid.png", "grid_0_t-shirt-top.png", "grid_9_ankle-boot.png", "progression.png",
+                 "completion.png", "superres.png", "config.json"):
+        assert (out / name).is_file(), name
+    for method in ("upsample", "stride", "patch"):  # §4.4: 2x super-resolution of the first 2 samples
+        superres = np.load(out / f"superres_{method}.npz")
+        assert superres["arr_0"].shape == (2, 64, 64, 1) and superres["labels"].tolist() == [0, 1]
+    with Image.open(out / "progression.gif") as gif:  # Pillow merges identical frames, adding their durations
+        durations = []
+        for frame in range(gif.n_frames):
+            gif.seek(frame)
+            durations.append(gif.info["duration"])
+        assert sum(durations) == 300 * (N_TOKENS - 1) + 1500 and gif.size == (4 * (2 + 2 * 34), 4 * (2 + 34))
+    # seeded: a rerun writes the same samples
+    first = (out / "samples.npz").read_bytes()
+    project.run("sample")
+    assert (out / "samples.npz").read_bytes() == first
+
+
+def project_sample_config(project):
+    from spectralar.config import load_params
+
+    return load_params(project.params).sample
+
+
+def test_spectrum_completion_keeps_the_given_prefix(project):
+    from spectralar.stages.sample import complete_spectrum, completion_inputs
+    from spectralar.stages.train_generator import load_generator
+
+    project.run("train_generator")
+    model, _ = load_generator(project.root / "generator" / "generator.pt", "cpu")
+    codec = load_codec(project.root / "tokenizer" / "tokenizer.pt", "cpu")
+    images, labels = completion_inputs(ImageShards(project.root / "prepared", "val"), 10)
+    assert labels.tolist() == list(range(10))
+    x = to_float(images)
+    out = complete_spectrum(model, codec, x, labels, project_sample_config(project), torch.Generator().manual_seed(1))
+    k = TINY["sample.completion_prefix"]
+    assert torch.equal(out["ids"][:, :k], codec.encode(x)[:, :k]) and out["ids"].shape == (10, N_TOKENS)
+    assert out["completion"].shape == out["original"].shape == (10, 1, 32, 32)
+
+
+@pytest.mark.parametrize("mode", ["stride", "patch"])
+def test_subimages_split_and_merge_are_inverse(mode):
+    from spectralar.stages.sample import merge_subimages, split_subimages
+
+    x = torch.randn(3, 2, 8, 6, generator=torch.Generator().manual_seed(0))
+    subs = split_subimages(x, mode)
+    assert subs.shape == (3, 4, 2, 4, 3) and torch.equal(merge_subimages(subs, mode), x)
+    if mode == "stride":  # sub-image (a, b) holds pixels (2i+a, 2j+b)
+        assert torch.equal(subs[:, 3], x[..., 1::2, 1::2])
+        # a nearest-neighbour 2x upsampling splits into 4 copies of the original image
+        up = x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        assert all(torch.equal(part, x) for part in split_subimages(up, mode).unbind(1))
+    else:  # sub-image (a, b) is quadrant (a, b)
+        assert torch.equal(subs[:, 2], x[..., 4:, :3])
+
+
+def test_sample_rejects_truncation_beyond_the_sequence(project):
+    project.run("train_generator")
+    project.set_params({"sample.truncate": [0, N_TOKENS]})
+    with pytest.raises(ConfigError, match="sample.truncate"):
+        project.run("sample")
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+
+def test_benchmarks_report_throughput():
+    from spectralar.stages.sample import benchmark_sampling
+    from spectralar.stages.train_generator import benchmark
+
+    torch.set_num_threads(1)
+    config = GeneratorConfig(depth=1, width=32, heads=2, vocab_size=32, num_tokens=8)
+    train = benchmark(config, "cpu", batch=8, steps=2, warmup=1, peak=1e12)
+    assert train["tokens_per_second"] > 0 and 0 < train["mfu"] < 1
+    assert train["flops_per_image"] > 6 * 8 * 32 * 32  # at least the 6·P·N of one 32x32 projection
+    sampling = benchmark_sampling(config, "cpu", batch=8, repeats=1)
+    assert sampling["images_per_second_kv_cache"] > 0 and sampling["images_per_second_no_cache"] > 0
