@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from spectralar.config import ConfigError, Params, load_params
 from spectralar.io import write_json
 from spectralar.log import get_logger, setup_logging
 from spectralar.stages import STAGES, load_stage
+from spectralar.training import seed_everything
 
 
 @dataclass
@@ -38,17 +36,6 @@ class StageContext:
             "params": self.params.subset(self.sections),
             "derived": derived,
         })
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
