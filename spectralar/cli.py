@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -50,24 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun (``RANK``), 0 for a plain launch."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_stage(name: str, args: argparse.Namespace) -> dict:
+    """Run one stage. Under torchrun every rank does the work, but only rank 0 writes the
+    metrics file and opens an MLflow run (the others would race on both)."""
     from spectralar.tracking import StageRun
 
     log = get_logger(name)
     module = load_stage(name)
     params = load_params(args.params)
     sections: tuple[str, ...] = tuple(module.SECTIONS)
+    main_rank = launch_rank() == 0
     seed_everything(params.run.seed)
     start = time.perf_counter()
-    with StageRun(params.tracking, name, params=params.subset(sections),
+    tracking = params.tracking if main_rank else dataclasses.replace(params.tracking, enabled=False)
+    with StageRun(tracking, name, params=params.subset(sections),
                   params_hash=params.digest(sections)) as tracker:
         ctx = StageContext(name, params, args, sections, tracker, log)
         metrics = dict(module.run(ctx))
         metrics["stage_seconds"] = round(time.perf_counter() - start, 3)
-        write_json(args.metrics, metrics)
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(args.metrics)
-    log.info("%s done in %.1f s; metrics in %s", name, metrics["stage_seconds"], args.metrics)
+        if main_rank:
+            write_json(args.metrics, metrics)
+            tracker.log_metrics(metrics)
+            tracker.log_artifact(args.metrics)
+    if main_rank:
+        log.info("%s done in %.1f s; metrics in %s", name, metrics["stage_seconds"], args.metrics)
     return metrics
 
 

@@ -192,11 +192,19 @@ def test_two_processes_reproduce_the_single_process_loss_curve(project):
     argv = project.argv("train_generator")
     for flag, value in (("--out", "generator2"), ("--checkpoints", "ck_gen2"), ("--metrics", "two.json")):
         argv[argv.index(flag) + 1] = str(project.root / value)
-    env = dict(os.environ, SPECTRALAR_TRACKING="0", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    store = f"sqlite:///{project.root / 'mlflow.db'}"
+    env = dict(os.environ, SPECTRALAR_TRACKING="1", MLFLOW_TRACKING_URI=store, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "spectralar", *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+                            timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from mlflow.tracking import MlflowClient  # only rank 0 opens a run and writes the metrics file
+
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("spectralar").experiment_id],
+                              filter_string="tags.`spectralar.stage` = 'train_generator'")
+    assert len(runs) == 1 and runs[0].data.metrics["world_size"] == 2
     two = _history(project.root / "generator2" / "history.csv")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(one, two):
