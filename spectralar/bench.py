@@ -2,6 +2,9 @@
 
   tokenizer  training images/s and model FLOPs utilisation of a tokenizer stage-1 step (forward,
              backward, AdamW) for the default config or TiTok-B64 (--config b64), on a device
+  generator  training tokens/s and MFU of the generator (forward, backward, AdamW on random tokens) and
+             sampling images/s with and without the KV cache, for the default config or the paper's
+             d16 / d20 / d24 / d16-p4 (--config), on a device
   read   prepare throughput and shard read throughput for JPEG shards at a given resolution, on a
          synthetic photo-like ImageFolder (or an existing prepared dataset with --data), plus the
          bytes per image and the extrapolated size of ImageNet's 1,281,167 training images.
@@ -138,6 +141,38 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
     }
 
 
+GENERATOR_CONFIGS = ("default", "d16", "d20", "d24", "d16_p4")
+
+
+def bench_generator(args: argparse.Namespace) -> dict:
+    """Training and sampling throughput of one generator config; both from randomly initialised weights
+    (speed does not depend on the weights). The cached sampler must beat full recompute (issue 4)."""
+    from spectralar.config import load_params
+    from spectralar.models.generator import GeneratorConfig
+    from spectralar.stages.sample import benchmark_sampling
+    from spectralar.stages.train_generator import benchmark
+    from spectralar.training import resolve_device
+
+    if args.config == "default":
+        cfg = load_params(args.params).generator
+    else:
+        cfg = getattr(GeneratorConfig, args.config)()
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    result = {"config": args.config, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "num_tokens": cfg.num_tokens,
+              "tokens_per_step": cfg.tokens_per_step}
+    train = benchmark(cfg, device, batch=args.batch, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
+                      peak=args.peak_flops)
+    result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
+                                             "tokens_per_second", "flops_per_image", "mfu")}
+    if args.sample_batch:
+        result["sample"] = benchmark_sampling(cfg, device, batch=args.sample_batch, repeats=args.sample_repeats)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m spectralar.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,8 +190,21 @@ def main() -> None:
     tok.add_argument("--batch", type=int, default=64)
     tok.add_argument("--steps", type=int, default=10)
     tok.add_argument("--warmup", type=int, default=3)
+    gen = sub.add_parser("generator", help="generator training tokens/s + MFU, sampling images/s with/without KV cache")
+    gen.add_argument("--config", choices=GENERATOR_CONFIGS, default="default")
+    gen.add_argument("--params", default="params.yaml", help="params file for --config default")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--batch", type=int, default=128, help="training batch per step")
+    gen.add_argument("--steps", type=int, default=10)
+    gen.add_argument("--warmup", type=int, default=3)
+    gen.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    gen.add_argument("--peak-flops", type=float, default=None,
+                     help="peak FLOP/s of the device for MFU (CUDA: looked up by name when omitted)")
+    gen.add_argument("--sample-batch", type=int, default=100, help="images per sampling call (0 = skip sampling)")
+    gen.add_argument("--sample-repeats", type=int, default=2)
     args = parser.parse_args()
-    print(json.dumps({"read": bench_read, "tokenizer": bench_tokenizer}[args.what](args), indent=2))
+    runners = {"read": bench_read, "tokenizer": bench_tokenizer, "generator": bench_generator}
+    print(json.dumps(runners[args.what](args), indent=2))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {_coerce(k, key_type, f"{path}"): _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -128,6 +133,8 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
     return obj
 
 

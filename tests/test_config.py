@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytest
 
@@ -72,3 +72,18 @@ def test_digest_depends_only_on_named_sections(tmp_path):
     b = load_params(write_params(tmp_path / "b.yaml", {"tracking.experiment": "other"}))
     assert a.digest(("data",)) == b.digest(("data",))
     assert a.digest(("tracking",)) != b.digest(("tracking",))
+
+
+@dataclass(frozen=True)
+class WithMapping:
+    rows: dict[str, dict[str, Any]]
+    sizes: dict[str, int]
+
+
+def test_mappings_are_checked_key_by_key():
+    obj = build(WithMapping, {"rows": {"a": {"x.y": False}}, "sizes": {"small": 2}}, "sweeps")
+    assert obj.rows == {"a": {"x.y": False}} and to_dict(obj) == {"rows": {"a": {"x.y": False}}, "sizes": {"small": 2}}
+    with pytest.raises(ConfigError, match=r"sweeps.sizes.small: expected int, got 'two'"):
+        build(WithMapping, {"rows": {}, "sizes": {"small": "two"}}, "sweeps")
+    with pytest.raises(ConfigError, match=r"sweeps.rows: expected a mapping, got \[1\]"):
+        build(WithMapping, {"rows": [1], "sizes": {}}, "sweeps")
