@@ -10,13 +10,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from spectralar.config import ConfigError, Params, load_params
-from spectralar.io import write_json
+from spectralar.io import read_json, write_json
 from spectralar.log import get_logger, setup_logging
 from spectralar.stages import STAGES, load_stage
 from spectralar.training import seed_everything
+
+if TYPE_CHECKING:
+    from spectralar.tracking import StageRecord
 
 
 @dataclass
@@ -57,6 +60,43 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+# Table 4's switches, tagged on every pipeline run so ablation rows can be told apart in MLflow.
+TABLE4_SWITCHES = ("spectral_supervision", "causal_mask", "nonuniform_mapping")
+
+
+def ablation_row(params_file: str | Path) -> Optional[str]:
+    """``<row>`` when the params file lives under ``runs/ablation/<row>/``, else None."""
+    parts = Path(params_file).parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 2] == ("runs", "ablation"):
+            return parts[i + 2]
+    return None
+
+
+def pipeline_tags(params: Params) -> dict[str, str]:
+    """Tags of the MLflow pipeline run of a params file: the Table 4 switches and the ablation row."""
+    tags = {f"spectralar.switch.{name}": str(getattr(params.tokenizer, name)).lower() for name in TABLE4_SWITCHES}
+    row = ablation_row(params.path)
+    if row is not None:
+        tags["spectralar.ablation_row"] = row
+    return tags
+
+
+def stage_record(name: str, params: Params, *, metrics_file: str | Path | None = None,
+                 artifacts: Sequence[str | Path] = ()) -> StageRecord:
+    """What ``spectralar.tracking.finish_pipeline`` needs to record stage ``name`` without running
+    it: the params sections it depends on (as ``run_stage`` logs them), its metrics file (default
+    ``metrics/<name>.json``; raises FileNotFoundError if missing), and ``artifacts`` (paths) plus
+    the metrics file as artifacts."""
+    from spectralar.tracking import StageRecord
+
+    sections = tuple(load_stage(name).SECTIONS)
+    metrics_path = Path(metrics_file if metrics_file is not None else f"metrics/{name}.json")
+    metrics = read_json(metrics_path)
+    return StageRecord(name, params.subset(sections), params.digest(sections), metrics,
+                       tuple(str(p) for p in (*artifacts, metrics_path)))
+
+
 def run_stage(name: str, args: argparse.Namespace) -> dict:
     """Run one stage. Under torchrun every rank does the work, but only rank 0 writes the
     metrics file and opens an MLflow run (the others would race on both)."""
@@ -70,8 +110,8 @@ def run_stage(name: str, args: argparse.Namespace) -> dict:
     seed_everything(params.run.seed)
     start = time.perf_counter()
     tracking = params.tracking if main_rank else dataclasses.replace(params.tracking, enabled=False)
-    with StageRun(tracking, name, params=params.subset(sections),
-                  params_hash=params.digest(sections)) as tracker:
+    with StageRun(tracking, name, params=params.subset(sections), params_hash=params.digest(sections),
+                  params_file=params.path, pipeline_tags=pipeline_tags(params)) as tracker:
         ctx = StageContext(name, params, args, sections, tracker, log)
         metrics = dict(module.run(ctx))
         metrics["stage_seconds"] = round(time.perf_counter() - start, 3)
