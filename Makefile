@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup data repro test lint snakemake clean-outputs
+.PHONY: setup data repro test lint snakemake clean-outputs use-config
 
 setup: $(STAMP) data
 
@@ -42,3 +42,12 @@ test: setup
 
 lint: setup
 	snakemake --lint
+
+# Switch the pipeline to another complete params file (configs/README.md): validate it with the strict
+# loader, then copy it over params.yaml, the file DVC and Snakemake read. `git checkout params.yaml` goes back.
+use-config:
+	@test -n "$(CONFIG)" || { echo "usage: make use-config CONFIG=configs/imagenet-d16.yaml" >&2; exit 2; }
+	@$(PY) -c 'import sys; from spectralar.config import load_params; \
+	sys.excepthook = lambda kind, err, tb: print(f"{sys.argv[1]}: {err}", file=sys.stderr); \
+	load_params(sys.argv[1])' "$(CONFIG)"
+	cp "$(CONFIG)" params.yaml
