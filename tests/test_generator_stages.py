@@ -193,11 +193,11 @@ def test_two_processes_reproduce_the_single_process_loss_curve(project):
     for flag, value in (("--out", "generator2"), ("--checkpoints", "ck_gen2"), ("--metrics", "two.json")):
         argv[argv.index(flag) + 1] = str(project.root / value)
     store = f"sqlite:///{project.root / 'mlflow.db'}"
+    # the stage's own command line; SPECTRALAR_NPROC_PER_NODE makes the CLI relaunch it under torchrun
     env = dict(os.environ, SPECTRALAR_TRACKING="1", MLFLOW_TRACKING_URI=store, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "spectralar", *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=180)
+               PYTHONPATH=str(REPO), SPECTRALAR_NPROC_PER_NODE="2")
+    result = subprocess.run([sys.executable, "-m", "spectralar", *argv], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     from mlflow.tracking import MlflowClient  # only rank 0 opens a run and writes the metrics file
 
@@ -211,6 +211,32 @@ def test_two_processes_reproduce_the_single_process_loss_curve(project):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["accuracy"] - b["accuracy"]) < 1e-6, (a, b)
     metrics = json.loads((project.root / "two.json").read_text())
     assert metrics["world_size"] == 2 and abs(metrics["val_loss"] - single["val_loss"]) < 1e-4
+
+
+def test_figures_show_a_bounded_number_of_classes():
+    from spectralar.stages.sample import grid_classes
+
+    assert grid_classes(10) == list(range(10))
+    shown = grid_classes(1000)
+    assert len(shown) == 16 and shown[0] == 0 and shown[-1] == 999 and shown == sorted(set(shown))
+
+
+def test_torchrun_relaunch_only_for_distributed_stages():
+    from spectralar.cli import torchrun_command
+    from spectralar.config import ConfigError
+
+    argv = ["train_generator", "--params", "p.yaml"]
+    command = torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "4"})
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert command[-4:] == ["spectralar", *argv]
+    assert torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "4", "RANK": "0"}) is None
+    assert torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "1"}) is None
+    assert torchrun_command("train_generator", argv, {}) is None
+    assert torchrun_command("sample", ["sample"], {"SPECTRALAR_NPROC_PER_NODE": "4"}) is None  # not data-parallel
+    if not torch.cuda.is_available():
+        assert torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "auto"}) is None
+    with pytest.raises(ConfigError, match="SPECTRALAR_NPROC_PER_NODE must be"):
+        torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "many"})
 
 
 def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):

@@ -207,15 +207,30 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
 
 
+GRID_CLASSES = 16  # classes shown in the figures: all of Fashion-MNIST's 10, 16 spread over ImageNet's 1000
+
+
+def grid_classes(num_classes: int, limit: int = GRID_CLASSES) -> list[int]:
+    """At most ``limit`` class indices spread evenly over 0..num_classes-1 (all when there are few)."""
+    if num_classes <= limit:
+        return list(range(num_classes))
+    return sorted({round(i * (num_classes - 1) / (limit - 1)) for i in range(limit)})
+
+
 def write_grids(directory: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
                 per_row: int = 8) -> None:
-    """grid.png: a row of samples per class; grid_<index>_<class>.png: up to 8 rows of one class."""
-    rows = [images[labels == c][:per_row] for c in range(len(class_names))]
+    """grid.png: a row of samples per shown class; grid_<index>_<class>.png: up to 8 rows of one class.
+
+    Only :func:`grid_classes` are drawn, so a 1000-class run writes 16 small figures, not a
+    half-million-pixel-tall one; every sample is in samples.npz regardless.
+    """
+    shown = [c for c in grid_classes(len(class_names)) if (labels == c).any()]
+    rows = [images[labels == c][:per_row] for c in shown]
     width = min(len(r) for r in rows)
     tile(np.concatenate([r[:width] for r in rows]), width).save(directory / "grid.png")
-    for index, name in enumerate(class_names):
+    for index in shown:
         own = images[labels == index][:per_row * per_row]
-        tile(own, min(per_row, len(own))).save(directory / f"grid_{index}_{slug(name)}.png")
+        tile(own, min(per_row, len(own))).save(directory / f"grid_{index}_{slug(class_names[index])}.png")
 
 
 @torch.no_grad()
@@ -248,8 +263,10 @@ def write_superres(directory: Path, model: SpectralGPT, codec: SpectralCodec, im
 
 
 def completion_inputs(shards: ImageShards, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first val image of every class that has one: images uint8 (B, C, H, W), labels (B,)."""
-    index = [int(np.flatnonzero(shards.labels == c)[0]) for c in range(num_classes) if (shards.labels == c).any()]
+    """The first val image of each shown class (:func:`grid_classes`) that has one: images uint8
+    (B, C, H, W), labels (B,)."""
+    index = [int(np.flatnonzero(shards.labels == c)[0]) for c in grid_classes(num_classes)
+             if (shards.labels == c).any()]
     images = torch.from_numpy(shards.images(np.asarray(index))).permute(0, 3, 1, 2)
     return images, torch.from_numpy(shards.labels[index])
 

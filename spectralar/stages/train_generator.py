@@ -53,6 +53,7 @@ from spectralar.training import (
 )
 
 SECTIONS = ("run", "generator", "train_generator")
+DISTRIBUTED = True  # runs data-parallel under torchrun (SPECTRALAR_NPROC_PER_NODE relaunches it, see cli)
 
 
 @dataclass(frozen=True)
