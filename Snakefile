@@ -22,4 +22,5 @@ rule all:
         "metrics/dump_tokens.json",
         "metrics/train_generator.json",
         "metrics/sample.json",
+        "metrics/evaluate.json",
     default_target: True

@@ -201,6 +201,7 @@ SECTIONS: dict[str, type | str] = {
     "generator": "spectralar.models.generator:GeneratorConfig",
     "train_generator": "spectralar.stages.train_generator:TrainGeneratorConfig",
     "sample": "spectralar.stages.sample:SampleConfig",
+    "evaluate": "spectralar.stages.evaluate:EvaluateConfig",
 }
 
 

@@ -130,4 +130,7 @@ TINY = {
     "sample.progression_samples": 2,
     "sample.completion_prefix": 3,
     "sample.superres_samples": 2,
+    "evaluate.batch_size": 8,
+    "evaluate.reconstruction_images": 10,
+    "evaluate.psnr_images": 10,
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# Pipeline order. Still to come: evaluate, report.
+# Pipeline order. Still to come: report.
 STAGES: tuple[str, ...] = (
     "prepare",
     "train_proxy",
@@ -25,6 +25,7 @@ STAGES: tuple[str, ...] = (
     "dump_tokens",
     "train_generator",
     "sample",
+    "evaluate",
 )
 
 

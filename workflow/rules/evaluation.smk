@@ -55,3 +55,28 @@ rule correlation:
         "logs/correlation.log",
     shell:
         "python -m spectralar correlation --params params.yaml --metrics metrics/correlation.json --data data/prepared --out reports/correlation 2> {log}"
+
+
+rule evaluate:
+    input:
+        "spectralar/stages/evaluate.py",
+        "spectralar/evaluation",
+        "spectralar/models",
+        "samples",  # directory output of sample
+        "data/reference",  # directory output of reference_stats
+        "models/evalnet",  # directory output of train_evalnet
+        "models/tokenizer",  # directory output of train_tokenizer
+        "data/prepared",
+    output:
+        directory("reports/evaluate"),
+        metrics="metrics/evaluate.json",
+    params:
+        sections=section("run", "evaluate"),
+    resources:
+        gpu=1,
+    conda:
+        "../envs/spectralar.yaml"
+    log:
+        "logs/evaluate.log",
+    shell:
+        "python -m spectralar evaluate --params params.yaml --metrics metrics/evaluate.json --samples samples --reference data/reference --evalnet models/evalnet/evalnet.pt --tokenizer models/tokenizer/tokenizer.pt --data data/prepared --out reports/evaluate 2> {log}"

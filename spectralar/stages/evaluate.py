@@ -1,0 +1,318 @@
+"""evaluate: sample quality, reconstruction quality and truncated generation (paper §4, Tables 2-3).
+
+1. Generation (Table 2): ``samples/samples.npz`` is embedded with ``evaluate.feature_extractor`` and
+   scored against ``data/reference/<extractor>.npz`` (reference_stats): FID, IS, KID, precision and
+   recall through torch-fidelity's own functions (``spectralar.evaluation.metrics``), plus the class
+   accuracy of the conditional samples under the domain classifier (the class each was asked for).
+2. Reconstruction (Table 2's rFID, REFERENCE §4): the tokenizer encodes the first
+   ``reconstruction_images`` val images and decodes all N tokens; rFID compares the reconstructions
+   with the statistics of those same images (not the reference_stats file), and the class accuracy of
+   the reconstructions is the ceiling for the samples' class accuracy. PSNR of every prefix against
+   its band-limited target I'_i and against the full image (train_tokenizer's ``evaluate``) on the
+   first ``psnr_images`` of them: N decodes per image, ~30-50 s for 1000 images on 2 CPU cores.
+3. Truncation (Table 3): FID of ``samples/truncated/samples_drop{k}.npz`` (the same samples decoded
+   from their first N-k tokens), for every such file; k = 0 is ``samples.npz``.
+
+The paper's numbers sit beside ours under ``paper``: they are ImageNet 256x256 with Inception
+features, 64 tokens and 50k samples, so they show the protocol, not a target for Fashion-MNIST.
+Outputs under ``--out`` (one directory, atomic): ``generation.csv``, ``truncation.csv``,
+``reconstruction.csv``, ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+
+from spectralar.data.loader import to_float
+from spectralar.data.shards import ImageShards
+from spectralar.evaluation.metrics import class_accuracy, compute_metrics, extract_features, load_reference, \
+    reference_statistics, validate_samples
+from spectralar.io import atomic_path
+from spectralar.models.codec import SpectralCodec
+from spectralar.stages.common import load_codec, stage_device
+from spectralar.stages.reference_stats import extractor_for
+from spectralar.stages.sample import decode_uint8
+from spectralar.stages.train_tokenizer import evaluate as prefix_psnr
+
+SECTIONS = ("run", "evaluate")
+
+# SpectralAR-d16 on ImageNet 256x256 (Inception features, 50k samples, N = 64 tokens).
+PAPER = {
+    "note": "paper, ImageNet 256x256, SpectralAR-d16, 64 tokens, Inception features, 50k samples: "
+            "not comparable with Fashion-MNIST numbers",
+    "fid": 3.02, "inception_score": 282.2, "precision": 0.81, "recall": 0.55, "rfid": 4.03,  # Table 2
+    "num_tokens": 64,
+    "fid_truncated": {"0": 3.02, "5": 3.34, "10": 6.65, "15": 27.69},  # Table 3: last k of 64 tokens dropped
+}
+TRUNCATED = re.compile(r"samples_drop(\d+)\.npz")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    feature_extractor: Literal["domain", "inception"] = "domain"  # its reference_stats npz must exist
+    inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth ("" = look up)
+    batch_size: int = 250  # feature extraction and decoding
+    reconstruction_images: int = 1000  # first val images for rFID and the reconstructions' class accuracy
+    psnr_images: int = 250  # the first of those for the per-prefix PSNR table (N decodes per image)
+    kid_subset_size: int = 1000  # torch-fidelity's default (clamped to the number of samples)
+    kid_subsets: int = 100
+    isc_splits: int = 10
+    prc_neighborhood: int = 3  # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.reconstruction_images < 2 or self.psnr_images < 1:
+            raise ValueError("need batch_size >= 1, reconstruction_images >= 2 (FID needs 2 images), psnr_images >= 1")
+        if self.kid_subset_size < 2 or self.kid_subsets < 1 or self.isc_splits < 1 or self.prc_neighborhood < 1:
+            raise ValueError("need kid_subset_size >= 2, kid_subsets >= 1, isc_splits >= 1, prc_neighborhood >= 1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", default="samples", help="sample stage output (samples.npz, truncated/)")
+    parser.add_argument("--reference", default="data/reference", help="reference_stats output (<extractor>.npz)")
+    parser.add_argument("--evalnet", default="models/evalnet/evalnet.pt", help="train_evalnet model")
+    parser.add_argument("--tokenizer", default="models/tokenizer/tokenizer.pt", help="trained tokenizer file")
+    parser.add_argument("--data", default="data/prepared", help="prepared dataset (val images)")
+    parser.add_argument("--out", default="reports/evaluate", help="output directory (tables)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+def load_samples(path: str | Path, image_shape: tuple[int, int, int],
+                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor, Optional[np.ndarray]]:
+    """A sample stage .npz as images uint8 (N, C, H, W), labels int64 (N,) and ids (N, n) or None.
+
+    ADM's layout (``arr_0`` uint8 (N, H, W, C)) at the dataset's resolution and channel count, and
+    ``labels`` (the classes the samples were asked for) in 0..num_classes-1; anything else is a
+    ValueError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the sample stage first")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz ({err})") from err
+    missing = [key for key in ("arr_0", "labels") if key not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing array(s) {missing} (need arr_0 uint8 (N, H, W, C) and labels (N,)); "
+                         f"found {sorted(arrays)}")
+    height, width, channels = image_shape
+    expected = f"uint8 (N, {height}, {width}, {channels})"
+    try:
+        images = validate_samples(arrays["arr_0"], layout="nhwc")  # (N, C, H, W)
+    except ValueError as err:
+        raise ValueError(f"{path}: arr_0 must be {expected}: {err}") from err
+    found = (images.shape[2], images.shape[3], images.shape[1])
+    if found != tuple(image_shape):
+        raise ValueError(f"{path}: arr_0 images are {found[0]}x{found[1]} with {found[2]} channel(s) but the "
+                         f"dataset's are {height}x{width} with {channels}: expected {expected}")
+    labels = arrays["labels"]
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{path}: labels must be (N,) with N = {len(images)} samples, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1} (the dataset's classes), got "
+                         f"{labels.min()}..{labels.max()}")
+    return images, torch.from_numpy(labels.astype(np.int64)), arrays.get("ids")
+
+
+def truncated_files(samples_dir: str | Path) -> dict[int, Path]:
+    """{k: samples_drop{k}.npz} for every truncated sample file, by k."""
+    directory = Path(samples_dir) / "truncated"
+    found = {}
+    for path in sorted(directory.glob("samples_drop*.npz")) if directory.is_dir() else []:
+        match = TRUNCATED.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def reference_for(directory: str | Path, name: str) -> dict[str, Any]:
+    path = Path(directory) / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: evaluate.feature_extractor is {name!r}; add it to "
+                                f"reference_stats.extractors and run the reference_stats stage")
+    return load_reference(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------
+
+class Scorer:
+    """Embeds images with the configured extractor (and the domain net for class accuracy) and scores them."""
+
+    def __init__(self, cfg: EvaluateConfig, evalnet: str, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.extractor, self.kwargs = extractor_for(cfg.feature_extractor, cfg, evalnet)
+        self.domain_kwargs = extractor_for("domain", cfg, evalnet)[1]
+
+    def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"features", ["logits"], "class_logits"} of uint8 images (N, C, H, W)."""
+        embedded = extract_features(images, self.extractor, self.kwargs, self.cfg.batch_size, self.device)
+        if self.cfg.feature_extractor == "domain":
+            embedded["class_logits"] = embedded["logits"]
+        else:
+            embedded["class_logits"] = extract_features(images, "domain", self.domain_kwargs, self.cfg.batch_size,
+                                                        self.device)["logits"]
+        return embedded
+
+    def score(self, embedded: dict, labels: torch.Tensor, reference: dict, *, full: bool = True) -> dict[str, Any]:
+        """FID and IS (+ KID, precision, recall when ``full``) and the class accuracy of the samples."""
+        cfg = self.cfg
+        metrics = compute_metrics(embedded, reference, fid=True, isc=True, kid=full, prc=full,
+                                  kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
+                                  isc_splits=cfg.isc_splits, prc_neighborhood=cfg.prc_neighborhood,
+                                  device=self.device)
+        metrics["class_accuracy"] = class_accuracy(embedded["class_logits"], labels)
+        return metrics
+
+
+def generation_metrics(scorer: Scorer, samples_dir: Path, reference: dict, image_shape, num_classes: int,
+                       num_tokens: int) -> tuple[dict, dict[int, dict]]:
+    """Table 2 metrics of samples.npz and Table 3 rows {k: {fid, inception_score, class_accuracy, ...}}."""
+    images, labels, ids = load_samples(samples_dir / "samples.npz", image_shape, num_classes)
+    if ids is not None and (ids.ndim != 2 or ids.shape != (len(images), num_tokens)):
+        raise ValueError(f"{samples_dir / 'samples.npz'}: ids have shape {ids.shape}, expected "
+                         f"({len(images)}, {num_tokens}) for the tokenizer's N = {num_tokens}")
+    generation = scorer.score(scorer.embed(images), labels, reference)
+    rows = {0: generation}
+    for k, path in truncated_files(samples_dir).items():
+        if not 0 < k < num_tokens:
+            raise ValueError(f"{path}: {k} dropped tokens is not in 1..{num_tokens - 1} (N = {num_tokens})")
+        images, labels, _ = load_samples(path, image_shape, num_classes)
+        rows[k] = scorer.score(scorer.embed(images), labels, reference, full=False)
+    return generation, rows
+
+
+@torch.no_grad()
+def reconstruct(codec: SpectralCodec, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The tokenizer's reconstructions from all N tokens, uint8 (B, C, H, W) like the input."""
+    device = next(codec.parameters()).device
+    ids = torch.cat([codec.encode(to_float(images[start:start + batch_size].to(device)))
+                     for start in range(0, len(images), batch_size)])  # (B, N)
+    return torch.from_numpy(decode_uint8(codec, ids, batch_size)).permute(0, 3, 1, 2).contiguous()
+
+
+def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShards, count: int,
+                           psnr_count: int) -> dict[str, Any]:
+    """rFID against the same val images, class accuracy of originals and reconstructions (first ``count``
+    val images), PSNR of every prefix (first ``psnr_count`` of them: N decodes per image)."""
+    count = min(count, len(val))
+    images = torch.from_numpy(val.images(np.arange(count))).permute(0, 3, 1, 2).contiguous()  # (R, C, H, W)
+    labels = torch.from_numpy(val.labels[:count])
+    real = scorer.embed(images)
+    fake = scorer.embed(reconstruct(codec, images, scorer.cfg.batch_size))
+    rfid = compute_metrics(fake, reference_statistics(real["features"]), fid=True, isc=False, kid=False,
+                           prc=False)["fid"]
+    psnr = prefix_psnr(codec, val, min(psnr_count, count), scorer.device)
+    return {
+        "rfid": rfid,
+        "rfid_num_images": count,
+        "reconstruction_class_accuracy": class_accuracy(fake["class_logits"], labels),
+        "val_class_accuracy": class_accuracy(real["class_logits"], labels),  # the domain net on the originals
+        "psnr_prefix": psnr["psnr_prefix"],
+        "psnr_prefix_vs_full_image": psnr["psnr_prefix_vs_full_image"],
+        "psnr_full": psnr["psnr_full"],
+        "reconstruction_images": count,
+        "psnr_images": psnr["eval_images"],
+        "omegas": list(codec.omegas),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+                      for row in rows])
+    return buffer.getvalue()
+
+
+def generation_rows(metrics: dict, dataset: str) -> list[dict]:
+    """Table 2: our row and the paper's d16 row."""
+    keys = ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy", "rfid")
+    ours = {"source": "ours", "dataset": dataset, "feature_extractor": metrics["feature_extractor"],
+            "num_tokens": metrics["num_tokens"], "num_samples": metrics["num_samples"],
+            "num_reference": metrics["num_reference"], **{k: metrics[k] for k in keys}}
+    paper = {"source": "paper (SpectralAR-d16)", "dataset": "ImageNet 256x256", "feature_extractor": "inception",
+             "num_tokens": PAPER["num_tokens"], "num_samples": 50000, "num_reference": None,
+             **{k: PAPER.get(k) for k in keys}}
+    return [ours, paper]
+
+
+def truncation_rows(rows: dict[int, dict], num_tokens: int) -> list[dict]:
+    """Table 3: one row per number k of dropped tokens; paper_fid for the same k (of the paper's 64)."""
+    return [{"k": k, "tokens_kept": num_tokens - k, "fid": row["fid"], "inception_score": row["inception_score"],
+             "class_accuracy": row["class_accuracy"], "num_samples": row["num_samples"],
+             "paper_fid": PAPER["fid_truncated"].get(str(k))} for k, row in rows.items()]
+
+
+def reconstruction_rows(metrics: dict) -> list[dict]:
+    return [{"prefix": i + 1, "omega": omega, "psnr_prefix": metrics["psnr_prefix"][i],
+             "psnr_vs_full": metrics["psnr_prefix_vs_full_image"][i], "num_images": metrics["psnr_images"]}
+            for i, omega in enumerate(metrics["omegas"])]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage
+# ------------------------------------------------------------------------------------------------
+
+def run(ctx) -> dict:
+    cfg: EvaluateConfig = ctx.params.evaluate
+    device = stage_device(ctx.params.run.device)
+    val = ImageShards(ctx.args.data, "val")
+    reference = reference_for(ctx.args.reference, cfg.feature_extractor)
+    scorer = Scorer(cfg, ctx.args.evalnet, device)
+    codec = load_codec(ctx.args.tokenizer, device)
+    n = codec.num_tokens
+    generation, truncation = generation_metrics(scorer, Path(ctx.args.samples), reference, val.image_shape,
+                                                val.num_classes, n)
+    reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images)
+    metrics = {
+        **generation,
+        **reconstruction,
+        "feature_extractor": cfg.feature_extractor,
+        "torch_fidelity_extractor": scorer.extractor,
+        "num_tokens": n,
+        "fid_truncated": {str(k): row["fid"] for k, row in truncation.items()},
+        "inception_score_truncated": {str(k): row["inception_score"] for k, row in truncation.items()},
+        "class_accuracy_truncated": {str(k): row["class_accuracy"] for k, row in truncation.items()},
+        "fid_truncated_num_samples": {str(k): row["num_samples"] for k, row in truncation.items()},
+        "paper": PAPER,
+    }
+    tables = {"generation.csv": _csv(generation_rows(metrics, val.manifest.get("source", "?"))),
+              "truncation.csv": _csv(truncation_rows(truncation, n)),
+              "reconstruction.csv": _csv(reconstruction_rows(metrics))}
+    out = Path(ctx.args.out)
+    with atomic_path(out, directory=True) as tmp:
+        for name, text in tables.items():
+            (tmp / name).write_text(text)
+        ctx.write_config(tmp, num_tokens=n, torch_fidelity_extractor=scorer.extractor,
+                         truncated=[str(path) for path in truncated_files(ctx.args.samples).values()])
+    for name in (*tables, "config.json"):
+        ctx.tracker.log_artifact(out / name)
+    score = metrics["inception_score"]
+    ctx.log.info("%s: FID %.3f, IS %s, class accuracy %.3f, rFID %.3f (reconstruction class accuracy %.3f); "
+                 "FID by dropped tokens %s", cfg.feature_extractor, metrics["fid"],
+                 "n/a" if score is None else f"{score:.3f}", metrics["class_accuracy"], metrics["rfid"],
+                 metrics["reconstruction_class_accuracy"],
+                 ", ".join(f"k={k}: {fid:.3f}" for k, fid in metrics["fid_truncated"].items()))
+    return metrics
