@@ -8,6 +8,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/generator.smk"
+include: "workflow/rules/sweep.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -23,4 +25,5 @@ rule all:
         "metrics/train_generator.json",
         "metrics/sample.json",
         "metrics/evaluate.json",
+        "metrics/report.json",
     default_target: True

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class StageContext:
     sections: tuple[str, ...]
     tracker: Any
     log: logging.Logger
+
+    def log_outputs(self, directory: str | Path, names: Sequence[str], checkpoints: Sequence[str] = ()) -> None:
+        """Log a stage's small outputs (those that exist) as MLflow artifacts, and its model files too
+        when ``tracking.log_checkpoints`` is on."""
+        wanted = [*names, *(checkpoints if self.params.tracking.log_checkpoints else ())]
+        for name in wanted:
+            if (Path(directory) / name).exists():
+                self.tracker.log_artifact(Path(directory) / name)
 
     def write_config(self, directory: str | Path, **derived: Any) -> None:
         """The resolved config beside a stage's outputs (sections used + derived values)."""
@@ -64,21 +73,28 @@ def launch_rank() -> int:
 TABLE4_SWITCHES = ("spectral_supervision", "causal_mask", "nonuniform_mapping")
 
 
-def ablation_row(params_file: str | Path) -> Optional[str]:
-    """``<row>`` when the params file lives under ``runs/ablation/<row>/``, else None."""
+def sweep_row(params_file: str | Path) -> Optional[tuple[str, str]]:
+    """``(sweep, row)`` when the params file is a sweep row's, ``runs/<sweep>/<row>/params.yaml``."""
+    from spectralar.sweep import PARAMS_FILE, SWEEP_ROOT
+
     parts = Path(params_file).parts
-    for i in range(len(parts) - 3):
-        if parts[i:i + 2] == ("runs", "ablation"):
-            return parts[i + 2]
+    if len(parts) >= 4 and parts[-4] == SWEEP_ROOT and parts[-1] == PARAMS_FILE:
+        return parts[-3], parts[-2]
     return None
 
 
 def pipeline_tags(params: Params) -> dict[str, str]:
-    """Tags of the MLflow pipeline run of a params file: the Table 4 switches and the ablation row."""
+    """Tags of the MLflow pipeline run of a params file: the Table 4 switches, and the sweep row
+    (a Snakemake row's params file, or the DVC experiment named <sweep>-<row> that runs it)."""
     tags = {f"spectralar.switch.{name}": str(getattr(params.tokenizer, name)).lower() for name in TABLE4_SWITCHES}
-    row = ablation_row(params.path)
+    row = sweep_row(params.path)
     if row is not None:
-        tags["spectralar.ablation_row"] = row
+        tags["spectralar.sweep"], tags["spectralar.sweep_row"] = row
+        if row[0] == "ablation":
+            tags["spectralar.ablation_row"] = row[1]
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:  # set by `dvc exp run` for every stage of an experiment
+        tags["spectralar.dvc_experiment"] = experiment
     return tags
 
 
@@ -124,10 +140,43 @@ def run_stage(name: str, args: argparse.Namespace) -> dict:
     return metrics
 
 
+NPROC_VARIABLE = "SPECTRALAR_NPROC_PER_NODE"
+
+
+def torchrun_command(stage: str, argv: Sequence[str], environ: Optional[dict] = None) -> Optional[list[str]]:
+    """The torchrun command line that reruns ``argv`` on N processes of this node, or None.
+
+    ``SPECTRALAR_NPROC_PER_NODE`` = N, or ``auto`` (one process per visible CUDA device), asks for it.
+    Only stages that declare ``DISTRIBUTED = True`` relaunch, and never a process torchrun already
+    started (``RANK`` set), so DVC and Snakemake keep one command line for 1 or 8 GPUs.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(NPROC_VARIABLE, "").strip()
+    if not value or "RANK" in environ or not getattr(load_stage(stage), "DISTRIBUTED", False):
+        return None
+    if value == "auto":
+        import torch
+
+        processes = torch.cuda.device_count()
+    elif value.isdigit():
+        processes = int(value)
+    else:
+        raise ConfigError(f"{NPROC_VARIABLE} must be a number of processes or 'auto', got {value!r}")
+    if processes <= 1:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "spectralar", *argv]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        relaunch = torchrun_command(args.stage, argv)
+        if relaunch is not None:
+            get_logger().info("%s=%s: running %s", NPROC_VARIABLE, os.environ[NPROC_VARIABLE], " ".join(relaunch))
+            return subprocess.call(relaunch)
         run_stage(args.stage, args)
     except ConfigError as err:
         get_logger().error("bad params: %s", err)

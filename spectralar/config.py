@@ -202,6 +202,8 @@ SECTIONS: dict[str, type | str] = {
     "train_generator": "spectralar.stages.train_generator:TrainGeneratorConfig",
     "sample": "spectralar.stages.sample:SampleConfig",
     "evaluate": "spectralar.stages.evaluate:EvaluateConfig",
+    # sweep name -> row name -> {"section.key": value} (DVC's -S overrides); spectralar/sweep.py
+    "sweeps": dict[str, dict[str, dict[str, Any]]],
 }
 
 
@@ -253,5 +255,5 @@ def load_params(path: str | Path) -> Params:
     missing = sorted(set(SECTIONS) - set(raw))
     if missing:
         raise ConfigError(f"{missing[0]}: missing section")
-    sections = {name: build(section_class(name), raw[name], name) for name in SECTIONS}
+    sections = {name: _coerce(raw[name], section_class(name), name) for name in SECTIONS}
     return Params(path=str(path), sections=sections)

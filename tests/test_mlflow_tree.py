@@ -291,14 +291,15 @@ def test_a_dvc_experiment_copy_records_into_the_project_store(tmp_path, empty_st
     assert (project / "mlartifacts" / run.run_id / "artifacts/out.txt").read_text() == "result\n"
 
 
-def test_ablation_row_and_switch_tags(tmp_path):
-    from spectralar.cli import ablation_row, pipeline_tags
+def test_sweep_row_and_switch_tags(tmp_path):
+    from spectralar.cli import pipeline_tags, sweep_row
     from spectralar.config import load_params
 
-    assert ablation_row("runs/ablation/no_causal/params.yaml") == "no_causal"
-    assert ablation_row("/x/runs/ablation/baseline/params.yaml") == "baseline"
-    assert ablation_row("runs/ablation/params.yaml") is None
-    assert ablation_row("params.yaml") is None
+    assert sweep_row("runs/ablation/no_causal/params.yaml") == ("ablation", "no_causal")
+    assert sweep_row("/x/runs/depth/d2/params.yaml") == ("depth", "d2")
+    assert sweep_row("runs/ablation/params.yaml") is None
+    assert sweep_row("runs/ablation/row/other.yaml") is None
+    assert sweep_row("params.yaml") is None
     params = load_params(write_params(tmp_path / "params.yaml", {"tokenizer.nonuniform_mapping": False}))
     assert pipeline_tags(params) == {
         "spectralar.switch.spectral_supervision": "true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -100,25 +101,184 @@ def _project_copy(tmp_path: Path) -> Path:
     return dest
 
 
+# ------------------------------------------------------------------------------------------
+# End to end on the tiny config: each orchestrator runs the whole pipeline once per module, and
+# the tests below look at what it left (reruns, MLflow, sweeps).
+# ------------------------------------------------------------------------------------------
+
+GENERATOR_AND_AFTER = {"train_generator", "sample", "evaluate", "report"}
+TINY_SWEEPS = {"ablation": {  # two rows keep the suite short: one runs, one is the main pipeline
+    "baseline": {"tokenizer.spectral_supervision": False, "tokenizer.causal_mask": False,
+                 "tokenizer.nonuniform_mapping": False},
+    "nonuniform": {"tokenizer.spectral_supervision": True, "tokenizer.causal_mask": True,
+                   "tokenizer.nonuniform_mapping": True}}}
+
+
+def _set_params(project: Path, overrides: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _run(project: Path, *cmd: str, timeout: int = 900, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / cmd[0]), *cmd[1:]], cwd=project, env=_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ran(output: str) -> set[str]:
+    """Stages DVC executed ("Running stage 'x'"), not those restored or unchanged."""
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory):
+    """The tiny pipeline through `dvc repro`, tracked in the project's own mlflow.db (default URI)."""
+    project = _project_copy(tmp_path_factory.mktemp("dvc"))
+    _set_params(project, {"sweeps": TINY_SWEEPS})
+    first = _run(project, "dvc", "repro", SPECTRALAR_TRACKING="1")
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
+    assert _ran(first.stdout) == set(STAGES)
+    return project
+
+
 @pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path):
-    project = _project_copy(tmp_path)
-    run = lambda *cmd: subprocess.run(cmd, cwd=project, env=_env(), capture_output=True, text=True)  # noqa: E731
-    first = run(str(BIN / "dvc"), "repro")
-    assert first.returncode == 0, first.stdout + first.stderr
+def test_dvc_repro_end_to_end(dvc_project):
     for stage in STAGES:
-        assert (project / "metrics" / f"{stage}.json").is_file(), stage
-    assert (project / "models" / "tokenizer" / "tokenizer.pt").is_file()
-    again = run(str(BIN / "dvc"), "repro")
-    assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
+        assert (dvc_project / "metrics" / f"{stage}.json").is_file(), stage
+    assert (dvc_project / "models" / "tokenizer" / "tokenizer.pt").is_file()
+    report = (dvc_project / "reports" / "report.md").read_text()
+    assert "## Ablation (Table 4)" in report and "progression.png" in report
+    evaluate = json.loads((dvc_project / "metrics" / "evaluate.json").read_text())
+    assert evaluate["num_samples"] == 20 and evaluate["fid"] > 0
 
 
 @pytest.mark.slow
-def test_snakemake_end_to_end(tmp_path):
-    project = _project_copy(tmp_path)
-    result = subprocess.run([str(BIN / "snakemake"), "--cores", "2"], cwd=project, env=_env(),
-                            capture_output=True, text=True)
+def test_mlflow_server_shows_every_stage_of_the_pipeline(dvc_project):
+    """`mlflow server` on the project's store: a parent run, a child per stage with params/metrics/artifacts."""
+    from tests.mlflow_server import serve
+
+    with serve(f"sqlite:///{dvc_project / 'mlflow.db'}", dvc_project / "mlartifacts") as client:
+        experiment = client.get_experiment_by_name("spectralar")
+        runs = client.search_runs([experiment.experiment_id], max_results=1000)
+        parents = [r for r in runs if r.data.tags.get("spectralar.role") == "pipeline"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        children = {r.data.tags["spectralar.stage"]: r for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+        assert set(children) == set(STAGES)
+        for stage, run in children.items():
+            assert run.info.status == "FINISHED", stage
+            assert "stage_seconds" in run.data.metrics, stage
+            assert any(k.startswith("run.") for k in run.data.params), stage
+            assert client.list_artifacts(run.info.run_id), stage
+        assert {a.path for a in client.list_artifacts(children["report"].info.run_id, "report")} >= \
+            {"report/report.md", "report/ablation.csv"}
+        assert parents[0].data.tags["spectralar.switch.causal_mask"] == "true"
+        sample = {a.path for a in client.list_artifacts(children["sample"].info.run_id)}
+        assert {"grid.png", "progression.png", "progression.gif", "completion.png"} <= sample
+
+
+@pytest.mark.slow
+def test_dvc_rerun_does_nothing_and_a_generator_change_reruns_only_what_follows(dvc_project):
+    again = _run(dvc_project, "dvc", "repro")
+    assert again.returncode == 0 and _ran(again.stdout) == set(), again.stdout
+    first_metrics = (dvc_project / "metrics" / "train_generator.json").read_text()
+    _set_params(dvc_project, {"generator.depth": 2})
+    changed = _run(dvc_project, "dvc", "repro")
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert _ran(changed.stdout) == GENERATOR_AND_AFTER
+    assert (dvc_project / "metrics" / "train_generator.json").read_text() != first_metrics
+    # back: the generator stages come from DVC's run cache, metrics files included; only the report,
+    # whose outputs are small git files outside the cache, runs again (and closes the MLflow record)
+    _set_params(dvc_project, {"generator.depth": 1})
+    back = _run(dvc_project, "dvc", "repro")
+    assert back.returncode == 0 and _ran(back.stdout) == {"report"}, back.stdout
+    assert "Stage 'train_generator' is cached - skipping run, checking out outputs" in back.stdout
+    assert (dvc_project / "metrics" / "train_generator.json").read_text() == first_metrics
+
+
+@pytest.mark.slow
+def test_dvc_experiments_run_the_ablation_rows_from_the_queue(dvc_project):
+    """`dvc exp run --queue` per row (spectralar.sweep queue), the queue run, the rows collected."""
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"]):
+        subprocess.run(cmd, cwd=dvc_project, check=True, capture_output=True)
+    queued = _run(dvc_project, "python", "-m", "spectralar.sweep", "queue", "ablation")
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    ran = _run(dvc_project, "dvc", "exp", "run", "--run-all", "-j", "1", SPECTRALAR_TRACKING="1")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    collected = _run(dvc_project, "python", "-m", "spectralar.sweep", "collect", "ablation")
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    from spectralar.sweep import read_table
+
+    table = {row["row"]: row for row in read_table(dvc_project / "runs" / "ablation" / "table.csv")}
+    assert set(table) == {"baseline", "nonuniform"}
+    assert table["baseline"]["causal_mask"] == "false" and float(table["baseline"]["fid"]) > 0
+    main = json.loads((dvc_project / "metrics" / "evaluate.json").read_text())
+    assert float(table["nonuniform"]["fid"]) == pytest.approx(main["fid"])  # same params, same result
+    assert float(table["baseline"]["fid"]) != pytest.approx(main["fid"])
+
+
+@pytest.fixture(scope="module")
+def snakemake_project(tmp_path_factory):
+    project = _project_copy(tmp_path_factory.mktemp("smk"))
+    _set_params(project, {"sweeps": TINY_SWEEPS})
+    result = _run(project, "snakemake", "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return project
+
+
+def _jobs(project: Path) -> set[str]:
+    """Rules a dry run would execute."""
+    result = _run(project, "snakemake", "-n", "--cores", "1")
     assert result.returncode == 0, result.stdout + result.stderr
+    return set(re.findall(r"^rule (\w+):", result.stdout, re.M)) - {"all"}
+
+
+@pytest.mark.slow
+def test_snakemake_end_to_end(snakemake_project):
     for stage in STAGES:
-        assert (project / "metrics" / f"{stage}.json").is_file(), stage
-    assert (project / "models" / "tokenizer" / "prefixes.png").is_file()
+        assert (snakemake_project / "metrics" / f"{stage}.json").is_file(), stage
+    assert (snakemake_project / "models" / "tokenizer" / "prefixes.png").is_file()
+    assert (snakemake_project / "reports" / "figures" / "progression.gif").is_file()
+
+
+@pytest.mark.slow
+def test_snakemake_rerun_does_nothing_and_a_generator_change_reruns_only_what_follows(snakemake_project):
+    assert _jobs(snakemake_project) == set()
+    _set_params(snakemake_project, {"generator.depth": 2})
+    assert _jobs(snakemake_project) == GENERATOR_AND_AFTER
+    _set_params(snakemake_project, {"generator.depth": 1})
+    assert _jobs(snakemake_project) == set()
+
+
+@pytest.mark.slow
+def test_snakemake_ablation_target_runs_each_row_and_feeds_the_report(snakemake_project):
+    result = _run(snakemake_project, "snakemake", "ablation", "--cores", "2")
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    row = snakemake_project / "runs" / "ablation" / "baseline"
+    assert (row / "models" / "tokenizer" / "tokenizer.pt").is_file() and (row / "metrics" / "evaluate.json").is_file()
+    assert "causal_mask: false" in (row / "params.yaml").read_text()
+    assert not (snakemake_project / "runs" / "ablation" / "nonuniform").exists()  # = the main pipeline, reused
+    from spectralar.sweep import read_table
+
+    table = {r["row"]: r for r in read_table(snakemake_project / "runs" / "ablation" / "table.csv")}
+    main = json.loads((snakemake_project / "metrics" / "evaluate.json").read_text())
+    assert float(table["nonuniform"]["fid"]) == pytest.approx(main["fid"]) and float(table["baseline"]["fid"]) > 0
+    assert _jobs(snakemake_project) == {"report"}  # the new sweep table is an input of the report
+    result = _run(snakemake_project, "snakemake", "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["row"]: r for r in read_table(snakemake_project / "reports" / "ablation.csv")}
+    assert rows["baseline"]["source"] == "sweep" and rows["nonuniform"]["source"] == "sweep"
+
+
+@pytest.mark.parametrize("profile", ["local", "slurm"])
+def test_snakemake_profiles_are_accepted(profile):
+    """The local and SLURM profiles parse and plan the whole DAG (a dry run submits nothing)."""
+    result = subprocess.run([str(BIN / "snakemake"), "-n", "--forceall", "--profile", f"workflow/profiles/{profile}"],
+                            cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "report" in result.stdout and "train_generator" in result.stdout

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# Pipeline order. Still to come: report.
+# Pipeline order.
 STAGES: tuple[str, ...] = (
     "prepare",
     "train_proxy",
@@ -26,6 +26,7 @@ STAGES: tuple[str, ...] = (
     "train_generator",
     "sample",
     "evaluate",
+    "report",
 )
 
 

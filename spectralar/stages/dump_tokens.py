@@ -98,6 +98,7 @@ def run(ctx) -> dict:
         np.save(tmp / "val_labels.npy", val.labels.astype(np.int64), allow_pickle=False)
         write_json(tmp / MANIFEST, manifest)
         ctx.write_config(tmp, num_tokens=codec.num_tokens, vocab=vocab)
+    ctx.log_outputs(out, (MANIFEST, "config.json"))
     counts = np.bincount(ids["train"].reshape(-1).astype(np.int64), minlength=vocab)
     usage = float((counts > 0).mean())
     ctx.log.info("tokenized %d train + %d val images into %d tokens each; %.1f%% of %d codes used",

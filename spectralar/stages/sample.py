@@ -323,6 +323,8 @@ def run(ctx) -> dict:
             write_superres(tmp, model, codec, images[:cfg.superres_samples], labels[:cfg.superres_samples], cfg,
                            ctx.params.run.seed + 2, device)
         ctx.write_config(tmp, num_samples=len(ids), class_names=class_names, num_tokens=n)
+    ctx.log_outputs(out, ("grid.png", "progression.png", "progression.gif", "completion.png", "superres.png",
+                          "config.json"))
     return {
         "num_samples": len(ids),
         "images_per_second": round(len(ids) / generate_seconds, 1),  # generation with KV cache

@@ -77,6 +77,7 @@ def run(ctx) -> dict:
     metrics = {**trained, **evaluate(model, val, cfg.eval_images, device)}
     save_model_file(out / "proxy.pt", "proxy", {"proxy": model_cfg}, {"proxy": model.state_dict()})
     ctx.write_config(out, grid_size=model_cfg.grid_size, downsample_factor=model_cfg.downsample_factor)
+    ctx.log_outputs(out, ("config.json",), checkpoints=("proxy.pt",))
     Checkpointer(ctx.args.checkpoints, "").clear()  # only now that every output is written
     ctx.log.info("proxy: PSNR %.2f dB, codebook usage %.1f%%", metrics["psnr"], 100 * metrics["codebook_usage"])
     return metrics

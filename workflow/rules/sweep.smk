@@ -1,0 +1,54 @@
+# Sweeps (README "Sweeps"; spectralar/sweep.py): each row of params.yaml's `sweeps.<name>` runs
+# under runs/<name>/<row>/ with its own params file. A row reuses the main pipeline's output of every
+# stage whose params sections (and upstream stages) it leaves unchanged, as DVC's run cache would.
+# The stages, their sections and their commands come from dvc.yaml, which the parity test holds
+# equal to the main rules: no command line is written twice.
+
+
+wildcard_constraints:
+    sweep="[A-Za-z0-9_-]+",
+    row="[A-Za-z0-9_-]+",
+
+
+for _stage, _spec in SWEEP_DAG.items():
+    if _stage in NOT_SWEPT:
+        continue
+
+    rule:
+        name:
+            f"sweep_{_stage}"
+        input:
+            lambda w, stage=_stage: sweep_plan(w).inputs(stage),
+        output:
+            [sweep_output(out) for out in _spec.outs],
+        params:
+            sections=lambda w, stage=_stage: sweep_plan(w).sections(stage),
+            command=lambda w, stage=_stage: sweep_plan(w).command(stage),
+        resources:
+            gpu=1 if _stage in SWEEP_GPU_STAGES else 0,
+        conda:
+            "../envs/spectralar.yaml"
+        log:
+            f"logs/{{sweep}}/{{row}}/{_stage}.log",
+        shell:
+            "python -m spectralar.sweep params {wildcards.sweep} {wildcards.row} > {log} && {params.command} 2>> {log}"
+
+
+rule sweep_table:
+    input:
+        lambda w: [RowPlan(SWEEP_DAG, config, w.sweep, row).metrics_file("evaluate") for row in sweep_rows(config, w.sweep)],
+    output:
+        "runs/{sweep}/table.csv",
+    params:
+        rows=lambda w: sweep_rows(config, w.sweep),
+    conda:
+        "../envs/spectralar.yaml"
+    log:
+        "logs/{sweep}/table.log",
+    shell:
+        "python -m spectralar.sweep table {wildcards.sweep} --out {output} > {log} 2>&1"
+
+
+rule ablation:
+    input:
+        "runs/ablation/table.csv",
