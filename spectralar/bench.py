@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -157,6 +158,8 @@ def bench_generator(args: argparse.Namespace) -> dict:
         cfg = load_params(args.params).generator
     else:
         cfg = getattr(GeneratorConfig, args.config)()
+    if args.num_tokens:
+        cfg = dataclasses.replace(cfg, num_tokens=args.num_tokens)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -193,6 +196,8 @@ def main() -> None:
     gen = sub.add_parser("generator", help="generator training tokens/s + MFU, sampling images/s with/without KV cache")
     gen.add_argument("--config", choices=GENERATOR_CONFIGS, default="default")
     gen.add_argument("--params", default="params.yaml", help="params file for --config default")
+    gen.add_argument("--num-tokens", type=int, default=0,
+                     help="sequence length N instead of the config's (e.g. 64, the paper's, for the default model)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--batch", type=int, default=128, help="training batch per step")
     gen.add_argument("--steps", type=int, default=10)

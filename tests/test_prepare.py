@@ -82,6 +82,17 @@ def test_fashion_mnist_frames_and_manifest(tmp_path, fashion_dir):
     assert train.labels.tolist() == [i % 10 for i in range(60)]
 
 
+def test_evaluation_subsets_spread_over_a_class_sorted_split(tmp_path, fashion_dir):
+    _, out = _run_prepare(tmp_path, {"data.fashion_mnist_dir": str(fashion_dir)})
+    train = ImageShards(out, "train")
+    assert train.spread(100).tolist() == list(range(60))  # more than there are: all of them
+    index = train.spread(20)
+    assert len(index) == 20 and len(set(index.tolist())) == 20 and index.max() < 60
+    # on a class-sorted split (ImageFolder layout) the first 20 hold 4 classes; the spread holds all
+    sorted_labels = np.sort(train.labels)
+    assert len(set(sorted_labels[:20].tolist())) == 4 and len(set(sorted_labels[index].tolist())) == 10
+
+
 def test_fashion_mnist_missing_files_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist.*data.fashion_mnist_dir"):
         _run_prepare(tmp_path, {"data.fashion_mnist_dir": str(tmp_path / "nowhere")})

@@ -120,6 +120,17 @@ class ImageShards:
             out[row:row + take] = self._shard(k)[0][local:local + take]
             row, start = row + take, start + take
 
+    def spread(self, count: int) -> np.ndarray:
+        """``count`` indices spread evenly over the split (all of it when ``count`` >= its size).
+
+        Evaluation subsets use this, not the first ``count`` images: an ImageFolder split is stored
+        class by class, so its first 10k images would hold a few classes only. Deterministic.
+        """
+        total = len(self)
+        if count >= total:
+            return np.arange(total)
+        return np.floor(np.arange(count) * (total / count)).astype(np.int64)
+
     def load_all(self) -> np.ndarray:
         return self.images(np.arange(len(self)))
 

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(ctx) -> dict:
     cfg: CorrelationConfig = ctx.params.correlation
     shards = ImageShards(ctx.args.data, cfg.split)
-    count = min(cfg.num_images, len(shards))
-    images = shards.images(np.arange(count)).transpose(0, 3, 1, 2).astype(np.float64) / 255.0  # (N, C, H, W)
+    index = shards.spread(cfg.num_images)  # evenly over the split (ImageFolder splits are class-sorted)
+    count = len(index)
+    images = shards.images(index).transpose(0, 3, 1, 2).astype(np.float64) / 255.0  # (N, C, H, W)
     table = correlation_table(images, train_fraction=cfg.train_fraction, seed=ctx.params.run.seed, mode=cfg.mode)
     maps = {p: best_predictor_map(images, p, mode=cfg.mode) for p in PARADIGMS}
     out = Path(ctx.args.out)

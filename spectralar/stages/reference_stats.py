@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from spectralar.data.shards import ImageShards
@@ -59,8 +58,9 @@ def extractor_for(name: str, cfg: ReferenceStatsConfig, evalnet: str) -> tuple[s
 def run(ctx) -> dict:
     cfg: ReferenceStatsConfig = ctx.params.reference_stats
     shards = ImageShards(ctx.args.data, "val")
-    count = min(cfg.num_images, len(shards))
-    images = torch.from_numpy(shards.images(np.arange(count))).permute(0, 3, 1, 2).contiguous()
+    index = shards.spread(cfg.num_images)  # evenly over the split: ImageFolder splits are class-sorted
+    count = len(index)
+    images = torch.from_numpy(shards.images(index)).permute(0, 3, 1, 2).contiguous()
     device = stage_device(ctx.params.run.device)
     metrics = {"num_images": count}
     out = Path(ctx.args.out)
@@ -77,4 +77,5 @@ def run(ctx) -> dict:
             save_reference(tmp / f"{name}.npz", reference_statistics(features["features"]))
             metrics[name] = {"extractor": extractor, "feature_dim": int(features["features"].shape[1])}
         ctx.write_config(tmp, num_images=count)
+    ctx.log_outputs(out, ("config.json",))
     return metrics

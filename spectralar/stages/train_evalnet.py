@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _split(shards: ImageShards, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    count = min(limit, len(shards))
-    images = torch.from_numpy(shards.images(range(count))).permute(0, 3, 1, 2).contiguous()  # uint8 (N, C, H, W)
-    return images, torch.from_numpy(shards.labels[:count])
+    index = shards.spread(limit)  # every class, also when an ImageFolder split is class-sorted
+    images = torch.from_numpy(shards.images(index)).permute(0, 3, 1, 2).contiguous()  # uint8 (N, C, H, W)
+    return images, torch.from_numpy(shards.labels[index])
 
 
 def run(ctx) -> dict:
@@ -60,4 +60,5 @@ def run(ctx) -> dict:
         save_domain_net(model.cpu(), str(tmp / "evalnet.pt"))
         ctx.write_config(tmp, num_classes=train.num_classes)
     ctx.log.info("domain classifier: val accuracy %.2f%%", 100 * accuracy)
+    ctx.log_outputs(ctx.args.out, ("config.json",), checkpoints=("evalnet.pt",))
     return {"val_accuracy": round(accuracy, 4), "train_images": len(images), "val_images": len(val_images)}
