@@ -72,8 +72,10 @@ def pipeline(tmp_path_factory) -> EvaluateProject:
 
 
 def _val(project: EvaluateProject, count: int = NUM_REFERENCE) -> tuple[np.ndarray, np.ndarray]:
+    """The val images the stages evaluate on: ``count`` spread evenly over the split."""
     shards = ImageShards(project.root / "prepared", "val")
-    return shards.images(np.arange(count)), shards.labels[:count]
+    index = shards.spread(count)
+    return shards.images(index), shards.labels[index]
 
 
 def _write_samples(directory: Path, images: np.ndarray, labels: np.ndarray, name: str = "samples.npz") -> Path:
@@ -297,7 +299,7 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     assert run.data.metrics["fid"] == pytest.approx(written["fid"]) and run.data.metrics["fid_truncated.2"] > 0
 
 
-def test_prefix_psnr_uses_the_first_psnr_images(pipeline):
+def test_prefix_psnr_uses_psnr_images_of_the_val_split(pipeline):
     pipeline.set_params({"evaluate.psnr_images": 4})
     try:
         metrics = pipeline.evaluate(pipeline.root / "samples", "psnr4")
@@ -305,7 +307,7 @@ def test_prefix_psnr_uses_the_first_psnr_images(pipeline):
         pipeline.set_params({})
     assert metrics["psnr_images"] == 4 and metrics["rfid_num_images"] == metrics["reconstruction_images"] == 10
     assert {r["num_images"] for r in _rows(pipeline.root / "psnr4" / "reconstruction.csv")} == {"4"}
-    # the mean PSNR of the first 4 images, from train_tokenizer's evaluation run here directly
+    # the mean PSNR of 4 spread val images, from train_tokenizer's evaluation run here directly
     from spectralar.stages.train_tokenizer import evaluate
 
     codec = load_codec(pipeline.root / "tokenizer" / "tokenizer.pt", "cpu")

@@ -4,12 +4,12 @@
    scored against ``data/reference/<extractor>.npz`` (reference_stats): FID, IS, KID, precision and
    recall through torch-fidelity's own functions (``spectralar.evaluation.metrics``), plus the class
    accuracy of the conditional samples under the domain classifier (the class each was asked for).
-2. Reconstruction (Table 2's rFID, REFERENCE §4): the tokenizer encodes the first
-   ``reconstruction_images`` val images and decodes all N tokens; rFID compares the reconstructions
+2. Reconstruction (Table 2's rFID, REFERENCE §4): the tokenizer encodes ``reconstruction_images``
+   val images (spread evenly over the split: ImageFolder splits are class-sorted) and decodes all N tokens; rFID compares the reconstructions
    with the statistics of those same images (not the reference_stats file), and the class accuracy of
    the reconstructions is the ceiling for the samples' class accuracy. PSNR of every prefix against
-   its band-limited target I'_i and against the full image (train_tokenizer's ``evaluate``) on the
-   first ``psnr_images`` of them: N decodes per image, ~30-50 s for 1000 images on 2 CPU cores.
+   its band-limited target I'_i and against the full image (train_tokenizer's ``evaluate``) on
+   ``psnr_images`` spread val images: N decodes per image, ~30-50 s for 1000 images on 2 CPU cores.
 3. Truncation (Table 3): FID of ``samples/truncated/samples_drop{k}.npz`` (the same samples decoded
    from their first N-k tokens), for every such file; k = 0 is ``samples.npz``.
 
@@ -61,8 +61,8 @@ class EvaluateConfig:
     feature_extractor: Literal["domain", "inception"] = "domain"  # its reference_stats npz must exist
     inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth ("" = look up)
     batch_size: int = 250  # feature extraction and decoding
-    reconstruction_images: int = 1000  # first val images for rFID and the reconstructions' class accuracy
-    psnr_images: int = 250  # the first of those for the per-prefix PSNR table (N decodes per image)
+    reconstruction_images: int = 1000  # val images (spread over the split) for rFID and class accuracy
+    psnr_images: int = 250  # val images (spread) for the per-prefix PSNR table (N decodes per image)
     kid_subset_size: int = 1000  # torch-fidelity's default (clamped to the number of samples)
     kid_subsets: int = 100
     isc_splits: int = 10
@@ -209,11 +209,12 @@ def reconstruct(codec: SpectralCodec, images: torch.Tensor, batch_size: int) -> 
 
 def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShards, count: int,
                            psnr_count: int) -> dict[str, Any]:
-    """rFID against the same val images, class accuracy of originals and reconstructions (first ``count``
-    val images), PSNR of every prefix (first ``psnr_count`` of them: N decodes per image)."""
-    count = min(count, len(val))
-    images = torch.from_numpy(val.images(np.arange(count))).permute(0, 3, 1, 2).contiguous()  # (R, C, H, W)
-    labels = torch.from_numpy(val.labels[:count])
+    """rFID against the same val images, class accuracy of originals and reconstructions (``count`` val
+    images spread over the split), PSNR of every prefix (``psnr_count`` spread images: N decodes each)."""
+    index = val.spread(count)  # evenly over the split (ImageFolder splits are class-sorted)
+    count = len(index)
+    images = torch.from_numpy(val.images(index)).permute(0, 3, 1, 2).contiguous()  # (R, C, H, W)
+    labels = torch.from_numpy(val.labels[index])
     real = scorer.embed(images)
     fake = scorer.embed(reconstruct(codec, images, scorer.cfg.batch_size))
     rfid = compute_metrics(fake, reference_statistics(real["features"]), fid=True, isc=False, kid=False,

@@ -313,11 +313,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def evaluate(codec: SpectralCodec, shards: ImageShards, count: int, device: torch.device) -> dict:
     """PSNR of every prefix length against its own target I'_i, and against the full image."""
     codec.eval()
-    count = min(count, len(shards))
+    index = shards.spread(count)  # evenly over the split (ImageFolder splits are class-sorted)
+    count = len(index)
     n = codec.num_tokens
     prefix_psnr, full_psnr, all_ids = torch.zeros(n), torch.zeros(n), []
     for start in range(0, count, 100):
-        images = torch.from_numpy(shards.images(np.arange(start, min(start + 100, count)))).permute(0, 3, 1, 2)
+        images = torch.from_numpy(shards.images(index[start:start + 100])).permute(0, 3, 1, 2)
         x = to_float(images.to(device))
         ids = codec.encode(x)
         all_ids.append(ids.cpu())
