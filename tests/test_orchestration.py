@@ -78,6 +78,43 @@ def test_stage_params_match_the_stage_modules():
         assert stage["params"] == sorted(load_stage(name).SECTIONS), name
 
 
+# Code whose change cannot change a stage's outputs: tracking, logging, CLI plumbing, file helpers and
+# the params loader (the params values themselves are dependencies).
+INFRASTRUCTURE = {"spectralar/cli.py", "spectralar/log.py", "spectralar/io.py", "spectralar/config.py",
+                  "spectralar/__init__.py", "spectralar/__main__.py", "spectralar/stages/__init__.py"}
+CODE_DIRS = ("spectralar/data", "spectralar/models", "spectralar/spectral", "spectralar/training",
+             "spectralar/evaluation")
+LAZY_IMPORTS = {"report": ["spectralar/sweep.py"]}  # imported inside functions, invisible to the import scan
+
+
+def stage_code_deps(stage: str) -> list[str]:
+    """The code a stage's outputs depend on: the spectralar files its module imports (in a fresh
+    interpreter), as directories for the library packages and as files for stage modules."""
+    script = ("import importlib, os, sys; importlib.import_module(sys.argv[1]); "
+              "print('\\n'.join(os.path.relpath(m.__file__) for n, m in list(sys.modules.items()) "
+              "if n.startswith('spectralar') and getattr(m, '__file__', None)))")
+    files = subprocess.run([sys.executable, "-c", script, f"spectralar.stages.{stage}"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    deps = set()
+    for path in [*files, *LAZY_IMPORTS.get(stage, [])]:
+        if path in INFRASTRUCTURE or path.startswith("spectralar/tracking"):
+            continue
+        deps.add(next((d for d in CODE_DIRS if path.startswith(d + "/")), path))
+    return sorted(deps)
+
+
+def test_every_stage_declares_the_code_it_imports():
+    """dvc.yaml and the Snakemake rules list exactly the code each stage's outputs depend on."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    sources = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    for name in STAGES:
+        expected = stage_code_deps(name)
+        assert sorted(d for d in spec[name]["deps"] if d.startswith("spectralar")) == expected, name
+        rule = re.search(rf"^rule {name}:\n(.*?)(?=^rule |\Z)", sources, re.M | re.S).group(1)
+        inputs = rule.split("output:")[0]
+        assert sorted(re.findall(r'"(spectralar[^"]*)"', inputs)) == expected, name
+
+
 def test_snakemake_lint_is_clean():
     result = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

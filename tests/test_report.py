@@ -60,7 +60,9 @@ def test_report_without_a_sweep_holds_this_pipelines_row(project):
     assert "![samples_grid.png](figures/samples_grid.png)" in text and "![loss_curves.png](figures/loss_curves.png)" in text
     assert (root / "reports" / "figures" / "loss_curves.png").stat().st_size > 1000
     truncation = list(csv.DictReader(open(root / "reports" / "truncation.csv")))
-    assert [(r["dropped"], r["tokens_kept"], r["fid"]) for r in truncation] == [("0", "16", "21.5"), ("2", "14", "30.0")]
+    assert [(r["source"], r["dropped"], r["tokens_kept"], r["fid"]) for r in truncation] == [
+        ("ours", "0", "16", "21.5"), ("ours", "2", "14", "30.0"), ("paper", "0", "64", "3.02"), ("paper", "5", "59", "3.34")]
+    assert truncation[1]["fraction_kept"] == "0.875"
     stages = list(csv.DictReader(open(root / "reports" / "stages.csv")))
     assert [(r["stage"], r["seconds"]) for r in stages] == [("prepare", "3.0"), ("correlation", ""), ("evaluate", "20.0")]
 

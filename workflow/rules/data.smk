@@ -1,7 +1,7 @@
 rule prepare:
     input:
-        "spectralar/stages/prepare.py",
         "spectralar/data",
+        "spectralar/stages/prepare.py",
     output:
         directory("data/prepared"),
         metrics="metrics/prepare.json",

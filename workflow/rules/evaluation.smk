@@ -1,7 +1,10 @@
 rule train_evalnet:
     input:
+        "spectralar/data",
+        "spectralar/evaluation",
+        "spectralar/stages/common.py",
         "spectralar/stages/train_evalnet.py",
-        "spectralar/evaluation/domain.py",
+        "spectralar/training",
         "data/prepared",
     output:
         directory("models/evalnet"),
@@ -20,8 +23,11 @@ rule train_evalnet:
 
 rule reference_stats:
     input:
-        "spectralar/stages/reference_stats.py",
+        "spectralar/data",
         "spectralar/evaluation",
+        "spectralar/stages/common.py",
+        "spectralar/stages/reference_stats.py",
+        "spectralar/training",
         "data/prepared",
         "models/evalnet",  # directory output of train_evalnet
     output:
@@ -41,8 +47,9 @@ rule reference_stats:
 
 rule correlation:
     input:
+        "spectralar/data",
+        "spectralar/evaluation",
         "spectralar/stages/correlation.py",
-        "spectralar/evaluation/correlation.py",
         "data/prepared",
     output:
         directory("reports/correlation"),
@@ -59,9 +66,19 @@ rule correlation:
 
 rule evaluate:
     input:
-        "spectralar/stages/evaluate.py",
+        "spectralar/data",
         "spectralar/evaluation",
         "spectralar/models",
+        "spectralar/spectral",
+        "spectralar/stages/common.py",
+        "spectralar/stages/dump_tokens.py",
+        "spectralar/stages/evaluate.py",
+        "spectralar/stages/extract_proxy_codes.py",
+        "spectralar/stages/reference_stats.py",
+        "spectralar/stages/sample.py",
+        "spectralar/stages/train_generator.py",
+        "spectralar/stages/train_tokenizer.py",
+        "spectralar/training",
         "samples",  # directory output of sample
         "data/reference",  # directory output of reference_stats
         "models/evalnet",  # directory output of train_evalnet

@@ -1,7 +1,10 @@
 rule dump_tokens:
     input:
-        "spectralar/stages/dump_tokens.py",
+        "spectralar/data",
         "spectralar/models",
+        "spectralar/stages/common.py",
+        "spectralar/stages/dump_tokens.py",
+        "spectralar/training",
         "data/prepared",
         "models/tokenizer",  # directory output of train_tokenizer (Snakemake matches outputs, not files inside them)
     output:
@@ -21,8 +24,14 @@ rule dump_tokens:
 
 rule train_generator:
     input:
+        "spectralar/data",
+        "spectralar/models",
+        "spectralar/spectral",
+        "spectralar/stages/common.py",
+        "spectralar/stages/dump_tokens.py",
+        "spectralar/stages/extract_proxy_codes.py",
         "spectralar/stages/train_generator.py",
-        "spectralar/models/generator.py",
+        "spectralar/stages/train_tokenizer.py",
         "spectralar/training",
         "data/tokens",
     output:
@@ -42,8 +51,16 @@ rule train_generator:
 
 rule sample:
     input:
-        "spectralar/stages/sample.py",
+        "spectralar/data",
         "spectralar/models",
+        "spectralar/spectral",
+        "spectralar/stages/common.py",
+        "spectralar/stages/dump_tokens.py",
+        "spectralar/stages/extract_proxy_codes.py",
+        "spectralar/stages/sample.py",
+        "spectralar/stages/train_generator.py",
+        "spectralar/stages/train_tokenizer.py",
+        "spectralar/training",
         "models/generator",  # directory output of train_generator
         "models/tokenizer",  # directory output of train_tokenizer
         "data/prepared",

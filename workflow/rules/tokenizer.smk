@@ -1,7 +1,10 @@
 rule train_proxy:
     input:
+        "spectralar/data",
+        "spectralar/models",
+        "spectralar/stages/common.py",
         "spectralar/stages/train_proxy.py",
-        "spectralar/models/proxy_vq.py",
+        "spectralar/training",
         "data/prepared",
     output:
         directory("models/proxy"),
@@ -20,8 +23,12 @@ rule train_proxy:
 
 rule extract_proxy_codes:
     input:
-        "spectralar/stages/extract_proxy_codes.py",
+        "spectralar/data",
+        "spectralar/models",
         "spectralar/spectral",
+        "spectralar/stages/common.py",
+        "spectralar/stages/extract_proxy_codes.py",
+        "spectralar/training",
         "data/prepared",
         "models/proxy",  # directory output of train_proxy (Snakemake matches outputs, not files inside them)
     output:
@@ -41,9 +48,12 @@ rule extract_proxy_codes:
 
 rule train_tokenizer:
     input:
-        "spectralar/stages/train_tokenizer.py",
+        "spectralar/data",
         "spectralar/models",
         "spectralar/spectral",
+        "spectralar/stages/common.py",
+        "spectralar/stages/extract_proxy_codes.py",
+        "spectralar/stages/train_tokenizer.py",
         "spectralar/training",
         "data/prepared",
         "models/proxy",  # directory output of train_proxy (Snakemake matches outputs, not files inside them)
