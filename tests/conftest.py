@@ -101,6 +101,7 @@ TINY = {
     "train_tokenizer.warmup_steps": 2,
     "train_tokenizer.stage2_warmup_steps": 1,
     "train_tokenizer.checkpoint_every": 3,
+    "train_tokenizer.dead_code_restart_every": 2,  # not a divisor of checkpoint_every: counts are checkpointed
     "train_tokenizer.log_every": 2,
     "train_tokenizer.eval_images": 10,
     "train_tokenizer.adversarial_weight": 0.01,

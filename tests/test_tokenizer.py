@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from spectralar.models.masks import decoder_mask, encoder_mask
 from spectralar.models.quantizer import VectorQuantizer, codebook_stats
 from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
+from spectralar.training import DeadCodeRestarts
 
 TINY = TokenizerConfig(image_size=8, in_channels=1, patch_size=2, width=32, encoder_depth=2,
                        decoder_depth=2, heads=2, mlp_ratio=2.0, num_tokens=5, codebook_size=32,
@@ -346,6 +347,77 @@ def test_codebook_stats() -> None:
     assert uniform == pytest.approx({"usage": 1.0, "perplexity": 8.0})
     with pytest.raises(ValueError, match="ids"):
         codebook_stats(torch.tensor([4]), codebook_size=4)
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_dead_code_restarts_reseed_only_dead_codes_from_latents(normalized: bool) -> None:
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(codebook_size=16, code_dim=4, normalize=normalized)
+    weight = quantizer.embedding.weight
+    latents_MD = torch.randn(32, 4)  # encoder outputs of "this batch"
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=1e-2)
+    quantizer(latents_MD[None])[2].backward()
+    optimizer.step()  # Adam moments exist for the used rows
+    live = torch.tensor([0, 3, 5])
+    restarts = DeadCodeRestarts(16, every=2, seed=7)
+    restarts.observe(live.repeat(4, 1))  # ids of two steps: only codes 0, 3, 5 were used
+    restarts.observe(live)
+    assert not restarts.due(0) and restarts.due(1)
+    dead = torch.ones(16, dtype=torch.bool)
+    dead[live] = False
+    before = weight.detach().clone()
+    moments = {key: optimizer.state[weight][key].clone() for key in ("exp_avg", "exp_avg_sq")}
+    shadow = before + 1.0  # an EMA copy that differs from the live weights
+
+    assert restarts.restart(1, weight, latents_MD, optimizer=optimizer, ema_shadow=shadow,
+                            normalized=normalized) == 13
+    after = weight.detach()
+    # live codes, their Adam moments and their EMA rows are untouched
+    assert torch.equal(after[live], before[live]) and torch.equal(shadow[live], before[live] + 1.0)
+    for key, value in moments.items():
+        assert torch.equal(optimizer.state[weight][key][live], value[live])
+        assert optimizer.state[weight][key][dead].abs().max() == 0
+    # every dead code now sits on (the direction of) an encoder output, in the model and its EMA
+    assert torch.equal(shadow[dead], after[dead])
+    if normalized:
+        cosine_CM = F.normalize(after[dead], dim=-1) @ F.normalize(latents_MD, dim=-1).t()
+        assert torch.allclose(cosine_CM.max(dim=1).values, torch.ones(13), atol=1e-6)
+        live_norm = before[live].norm(dim=-1).mean()
+        assert torch.allclose(after[dead].norm(dim=-1), live_norm.expand(13), rtol=1e-5)
+    else:
+        distance_CM = torch.cdist(after[dead], latents_MD)
+        assert distance_CM.min(dim=1).values.max() < 1e-6
+    # so the latents they were seeded from now quantise to them exactly
+    seeded_M = (F.normalize(latents_MD, dim=-1) @ F.normalize(after[dead], dim=-1).t()
+                if normalized else -torch.cdist(latents_MD, after[dead])).max(dim=1).values
+    seeded_M = seeded_M > (1 - 1e-6 if normalized else -1e-6)
+    ids = quantizer(latents_MD[None])[1][0]
+    assert dead[ids[seeded_M]].all()
+    assert restarts.usage.sum() == 0 and restarts.restarted == 13
+    # deterministic in (seed, step), and the counts survive a checkpoint round trip
+    again = DeadCodeRestarts(16, every=2, seed=7)
+    again.observe(live)
+    other = before.clone()
+    again.restart(1, other, latents_MD, normalized=normalized)
+    assert torch.equal(other, after)
+    resumed = DeadCodeRestarts(16, every=2, seed=7)
+    restarts.observe(torch.tensor([1, 1, 2]))
+    resumed.load_state_dict(restarts.state_dict())
+    assert torch.equal(resumed.usage, restarts.usage) and resumed.restarted == 13
+
+
+def test_dead_code_restarts_off_and_nothing_dead() -> None:
+    off = DeadCodeRestarts(8, every=0, seed=0)
+    off.observe(torch.tensor([1, 2]))
+    assert not off.enabled and not any(off.due(step) for step in range(10)) and off.usage.sum() == 0
+    weight = torch.randn(4, 3)
+    before = weight.clone()
+    restarts = DeadCodeRestarts(4, every=1, seed=0)
+    restarts.observe(torch.arange(4))
+    assert restarts.restart(0, weight, torch.randn(5, 3), normalized=True) == 0
+    assert torch.equal(weight, before)
+    with pytest.raises(ValueError, match="every"):
+        DeadCodeRestarts(4, every=-1, seed=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def test_tiny_tokenizer_pipeline_end_to_end(project):
     root = project.root
     assert len(metrics["psnr_prefix"]) == 8 and metrics["omegas"] == [1, 2, 3, 4, 6, 8, 20, 32]
     assert metrics["steps"] == 10 and 0 < metrics["codebook_usage"] <= 1
+    assert metrics["restarted_codes"] > 0  # TINY restarts dead codes every 2 steps of stage 1
     for name in ("tokenizer.pt", "prefixes.png", "history.csv", "config.json"):
         assert (root / "tokenizer" / name).is_file(), name
     state = load_model_file(root / "tokenizer" / "tokenizer.pt", "tokenizer")
@@ -115,23 +116,26 @@ def _weights(path: Path) -> dict:
     return load_model_file(path, "tokenizer")["weights"]
 
 
-def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch):
+@pytest.mark.parametrize("kill_step, checkpoints", [
+    (4, ["step_00000003.pt"]),  # inside stage 1: the restart after step 4 needs step 3's usage counts
+    (8, ["step_00000003.pt", "step_00000006.pt"]),  # inside stage 2 (stage 1 ends at step 6)
+])
+def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch, kill_step, checkpoints):
     reference = project.run_all()
     expected = _weights(project.root / "tokenizer" / "tokenizer.pt")
     import spectralar.stages.train_tokenizer as stage
 
     original = stage.Trainer._log
 
-    def dies_after_step_8(self, step, *args):
+    def dies_after_kill_step(self, step, *args):
         original(self, step, *args)
-        if step == 8:  # after the checkpoint of step 6, inside stage 2 (stage 1 ends at step 6)
+        if step == kill_step:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(stage.Trainer, "_log", dies_after_step_8)
+    monkeypatch.setattr(stage.Trainer, "_log", dies_after_kill_step)
     with pytest.raises(KeyboardInterrupt):
         project.run("train_tokenizer")
-    assert sorted(p.name for p in (project.root / "ck_tok").glob("step_*.pt")) == ["step_00000003.pt",
-                                                                                "step_00000006.pt"]
+    assert sorted(p.name for p in (project.root / "ck_tok").glob("step_*.pt")) == checkpoints
     monkeypatch.setattr(stage.Trainer, "_log", original)
     resumed = project.run("train_tokenizer")
     actual = _weights(project.root / "tokenizer" / "tokenizer.pt")
@@ -139,6 +143,7 @@ def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch):
         for key, value in expected[part].items():
             assert torch.equal(value, actual[part][key]), (part, key)
     assert resumed["psnr_prefix"] == reference["psnr_prefix"]
+    assert resumed["restarted_codes"] == reference["restarted_codes"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(project, monkeypatch):

@@ -19,7 +19,7 @@ from spectralar.data.loader import step_loader, to_float
 from spectralar.data.shards import ImageShards
 from spectralar.models.proxy_vq import ProxyConfig, ProxyVQModel, codebook_usage, load_maskgit_checkpoint
 from spectralar.stages.common import Checkpointer, save_model_file, stage_device
-from spectralar.training import EMA, Throughput, build_adamw, check_finite, lr_at, set_lr
+from spectralar.training import EMA, DeadCodeRestarts, Throughput, build_adamw, check_finite, lr_at, set_lr
 
 SECTIONS = ("run", "proxy", "train_proxy")
 
@@ -44,10 +44,8 @@ class TrainProxyConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("steps, batch_size, checkpoint_every and log_every must be positive")
-        if self.dead_code_restart_every < 0 or (
-                self.dead_code_restart_every and self.checkpoint_every % self.dead_code_restart_every):
-            raise ValueError("dead_code_restart_every must be >= 0 and divide checkpoint_every "
-                             "(usage counts restart at checkpoints, so resume stays exact)")
+        if self.dead_code_restart_every < 0:
+            raise ValueError("dead_code_restart_every must be >= 0 (0 = off)")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
 
@@ -95,21 +93,21 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
     model.to(device).train()
     optimizer = build_adamw(model, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay, warmup=True)
-    objects = {"model": model, "optimizer": optimizer, "ema": ema}
+    restarts = DeadCodeRestarts(model.config.codebook_size, cfg.dead_code_restart_every,
+                                seed=ctx.params.run.seed, device=device)
+    objects = {"model": model, "optimizer": optimizer, "ema": ema, "restarts": restarts}
     checkpointer = Checkpointer(ctx.args.checkpoints, ctx.params.digest(SECTIONS + ("data",)))
     start = checkpointer.resume(objects)
     loader = step_loader(train_shards, batch_size=cfg.batch_size, seed=ctx.params.run.seed, start_step=start,
                          total_steps=cfg.steps, in_memory=train_shards.format == "raw")
     meter = Throughput()
     begin = time.perf_counter()
-    usage = torch.zeros(model.config.codebook_size, dtype=torch.long, device=device)
-    restarted = 0
     for step, (images, _, _) in enumerate(loader, start=start):
         set_lr(optimizer, lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                 schedule="cosine", final_lr=cfg.lr * 0.1))
         x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W)
         reconstruction, ids, vq_loss = model(x)
-        usage += torch.bincount(ids.flatten(), minlength=len(usage))
+        restarts.observe(ids)
         recon_loss = F.mse_loss(reconstruction, x)
         loss = recon_loss + vq_loss
         check_finite(loss, step, {"recon": recon_loss, "vq": vq_loss})
@@ -119,9 +117,12 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
         optimizer.step()
         ema.update(model)
         meter.update(len(images))
-        if cfg.dead_code_restart_every and (step + 1) % cfg.dead_code_restart_every == 0:
-            restarted += restart_dead_codes(model, optimizer, ema, x, usage == 0, seed=ctx.params.run.seed + step)
-            usage.zero_()
+        if restarts.due(step):
+            with torch.no_grad():
+                latents_BDhw = model.encoder(model._to_native(x))
+            restarts.restart(step, model.quantize.embedding.weight,
+                             latents_BDhw.permute(0, 2, 3, 1).reshape(-1, model.config.code_dim),
+                             optimizer=optimizer, ema_shadow=ema.shadow["quantize.embedding.weight"])
         if (step + 1) % cfg.log_every == 0:
             ctx.log.info("step %d/%d recon %.4f vq %.4f lr %.2e %.0f img/s", step + 1, cfg.steps,
                          recon_loss.item(), vq_loss.item(), optimizer.param_groups[0]["lr"], meter.rate)
@@ -129,30 +130,8 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpointer.save(step + 1, objects)
     ema.copy_to(model)
-    return {"trained_steps": cfg.steps, "source": "trained", "restarted_codes": restarted,
+    return {"trained_steps": cfg.steps, "source": "trained", "restarted_codes": restarts.restarted,
             "train_seconds": round(time.perf_counter() - begin, 1)}
-
-
-@torch.no_grad()
-def restart_dead_codes(model: ProxyVQModel, optimizer: torch.optim.Optimizer, ema: EMA, x: torch.Tensor,
-                       dead: torch.Tensor, seed: int) -> int:
-    """Move unused codes onto randomly chosen encoder outputs of this batch (in the model and its
-    EMA, which would otherwise average the new code with the dead one); reset their Adam moments."""
-    count = int(dead.sum())
-    if count == 0:
-        return 0
-    latents = model.encoder(model._to_native(x)).permute(0, 2, 3, 1).reshape(-1, model.config.code_dim)
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randint(0, len(latents), (count,), generator=generator).to(latents.device)
-    weight = model.quantize.embedding.weight
-    weight[dead] = latents[pick].to(weight.dtype)
-    shadow = ema.shadow["quantize.embedding.weight"]
-    shadow[dead.to(shadow.device)] = latents[pick].to(shadow)
-    state = optimizer.state.get(weight, {})
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            state[key][dead] = 0
-    return count
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """train_tokenizer: Nested Spectral Tokenization (paper §3.2, Algorithm 1), TiTok's two stages.
 
 Stage 1 (steps [0, stage1_steps)): per sample draw i ~ U{1..N}, decode from the prefix s_1..s_i,
-cross-entropy against the proxy codes of I'_i = IDCT(DCT(I) ∘ 1_{ω_i}), plus the VQ loss.
+cross-entropy against the proxy codes of I'_i = IDCT(DCT(I) ∘ 1_{ω_i}), plus the VQ loss; with
+``dead_code_restart_every`` > 0, codes unused for that many steps are re-seeded with encoder outputs.
 Stage 2 (the next stage2_steps): encoder and quantizer frozen (token ids unchanged); the
 tokenizer's decoder and the proxy decoder are fine-tuned to the pixels of I'_i with
 L2 + perceptual + adversarial (hinge + LeCam) terms.
@@ -34,7 +35,8 @@ from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
 from spectralar.spectral import band_limit
 from spectralar.stages.common import Checkpointer, save_model_file, stage_device, token_omegas
 from spectralar.stages.extract_proxy_codes import load_codes, load_proxy
-from spectralar.training import EMA, Throughput, autocast, build_adamw, check_finite, lr_at, set_lr
+from spectralar.training import (EMA, DeadCodeRestarts, Throughput, autocast, build_adamw, check_finite, lr_at,
+                                 set_lr)
 
 SECTIONS = ("run", "tokenizer", "train_tokenizer")
 
@@ -54,6 +56,9 @@ class TrainTokenizerConfig:
     stage2_warmup_steps: int = 20
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # Stage 1 only: codes unused for this many steps are re-seeded with encoder outputs of the
+    # current batch (dead-code restarts, Jukebox/SoundStream; not in TiTok's recipe); 0 = off.
+    dead_code_restart_every: int = 0
     augment_hflip: bool = False  # needs extract_proxy_codes.mode: online (codes are of unflipped images)
     l2_weight: float = 1.0
     perceptual_weight: float = 0.0
@@ -77,6 +82,8 @@ class TrainTokenizerConfig:
             raise ValueError("perceptual_weight > 0 needs perceptual_network (vgg16) and its weights")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be positive")
+        if self.dead_code_restart_every < 0:
+            raise ValueError("dead_code_restart_every must be >= 0 (0 = off)")
         if self.warmup_steps > self.stage1_steps or self.stage2_warmup_steps > self.stage2_steps:
             raise ValueError("warmup_steps / stage2_warmup_steps must not exceed stage1_steps / stage2_steps")
 
@@ -159,6 +166,8 @@ class Trainer:
         self.total = self.cfg.stage1_steps + self.cfg.stage2_steps
         digest = ctx.params.digest(SECTIONS + ("data", "proxy", "train_proxy", "extract_proxy_codes"))
         self.checkpointer = Checkpointer(ctx.args.checkpoints, digest)
+        self.restarts = DeadCodeRestarts(self.tok_cfg.codebook_size, self.cfg.dead_code_restart_every,
+                                         seed=self.seed, device=self.device)
         self.history: list[dict] = []
 
     def _check_shapes(self) -> None:
@@ -200,6 +209,8 @@ class Trainer:
             if self.perceptual is not None:
                 self.perceptual.to(self.device)
         objects["ema"] = EMA(self.model, cfg.ema_decay, warmup=True)
+        if self.restarts.enabled:
+            objects["restarts"] = self.restarts  # usage counts since the last restart, checkpointed
         return objects
 
     def fit(self) -> dict:
@@ -224,6 +235,9 @@ class Trainer:
             terms = self._stage1(x, index, levels, objects, step) if phase == 1 else \
                 self._stage2(x, levels, objects, step - self.cfg.stage1_steps)
             objects["ema"].update(self.model)
+            # no restart at the last stage-1 step: stage 2 freezes the codes, none could be trained
+            if phase == 1 and self.restarts.due(step) and step + 1 < self.cfg.stage1_steps:
+                self._restart_dead_codes(x, step, objects)
             meter.update(len(x))
             if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
                 self._log(step + 1, phase, terms, objects["optimizer"], meter.rate)
@@ -231,7 +245,20 @@ class Trainer:
                 self.checkpointer.save(step + 1, objects)
         objects["ema"].copy_to(self.model)
         return {"train_seconds": round(time.perf_counter() - begin, 1), "steps": self.total,
-                "images_per_second": round(meter.rate, 1)}
+                "images_per_second": round(meter.rate, 1), "restarted_codes": self.restarts.restarted}
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, x: torch.Tensor, step: int, objects: dict) -> None:
+        """Re-seed codes unused since the last restart with this batch's latents Ŝ, in the live
+        quantizer and in the EMA copy that becomes the saved tokenizer."""
+        with autocast(self.device, self.cfg.bf16):
+            latents_BND = self.tokenizer.encode_latents(x)  # (B, N, D)
+        quantizer = self.tokenizer.quantizer
+        shadow = objects["ema"].shadow["tokenizer.quantizer.embedding.weight"]
+        count = self.restarts.restart(step, quantizer.embedding.weight, latents_BND.reshape(-1, quantizer.code_dim),
+                                      optimizer=objects["optimizer"], ema_shadow=shadow,
+                                      normalized=quantizer.normalize)
+        self.ctx.log.info("step %d: restarted %d dead codes", step + 1, count)
 
     def _optimize(self, loss: torch.Tensor, terms: dict, objects: dict, step: int, lr: float) -> dict:
         check_finite(loss, step, terms)
@@ -248,7 +275,8 @@ class Trainer:
         cfg = self.cfg
         codes = self.targets(x, index, levels)  # (B, h, w) proxy codes of I'_i
         with autocast(self.device, cfg.bf16):
-            logits, _, vq_loss = self.tokenizer(x, levels.to(x.device) + 1)  # prefix i = level + 1
+            logits, ids, vq_loss = self.tokenizer(x, levels.to(x.device) + 1)  # prefix i = level + 1
+        self.restarts.observe(ids)
         ce = F.cross_entropy(logits.float(), codes)
         loss = ce + vq_loss
         lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=max(cfg.stage1_steps, 1),

@@ -16,6 +16,7 @@ from spectralar.training.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
+from spectralar.training.codebook import DeadCodeRestarts
 from spectralar.training.distributed import (
     DistributedContext,
     all_reduce_mean,
@@ -40,6 +41,7 @@ from spectralar.training.optim import build_adamw, lr_at, parameter_groups, set_
 
 __all__ = [
     "EMA",
+    "DeadCodeRestarts",
     "DistributedContext",
     "NonFiniteLossError",
     "Throughput",
