@@ -5,6 +5,12 @@ from pathlib import Path
 from spectralar.sweep import NOT_SWEPT, RowPlan, load_dag, sweep_rows
 
 
+# Every stage but the report runs torch/numpy on all the cores it is given: a job asks for them all
+# (Snakemake caps this at --cores), so two 2-thread jobs never share 2 cores (oversubscribed OpenMP
+# threads ran stages up to 10x slower). On SLURM this becomes each job's CPU request.
+STAGE_THREADS = 16
+
+
 def section(*names):
     """The params sections a rule depends on, so that changing them reruns the rule."""
     return {name: config[name] for name in names}

@@ -5,6 +5,7 @@ rule prepare:
     output:
         directory("data/prepared"),
         metrics="metrics/prepare.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "data"),
     conda:

@@ -9,6 +9,7 @@ rule train_evalnet:
     output:
         directory("models/evalnet"),
         metrics="metrics/train_evalnet.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "train_evalnet"),
     resources:
@@ -33,6 +34,7 @@ rule reference_stats:
     output:
         directory("data/reference"),
         metrics="metrics/reference_stats.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "reference_stats"),
     resources:
@@ -54,6 +56,7 @@ rule correlation:
     output:
         directory("reports/correlation"),
         metrics="metrics/correlation.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "correlation"),
     conda:
@@ -87,6 +90,7 @@ rule evaluate:
     output:
         directory("reports/evaluate"),
         metrics="metrics/evaluate.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "evaluate"),
     resources:

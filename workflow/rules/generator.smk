@@ -10,6 +10,7 @@ rule dump_tokens:
     output:
         directory("data/tokens"),
         metrics="metrics/dump_tokens.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "dump_tokens"),
     resources:
@@ -37,6 +38,7 @@ rule train_generator:
     output:
         directory("models/generator"),
         metrics="metrics/train_generator.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "generator", "train_generator"),
     resources:
@@ -67,6 +69,7 @@ rule sample:
     output:
         directory("samples"),
         metrics="metrics/sample.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "sample"),
     resources:

@@ -24,6 +24,7 @@ for _stage, _spec in SWEEP_DAG.items():
         params:
             sections=lambda w, stage=_stage: sweep_plan(w).sections(stage),
             command=lambda w, stage=_stage: sweep_plan(w).command(stage),
+        threads: STAGE_THREADS
         resources:
             gpu=1 if _stage in SWEEP_GPU_STAGES else 0,
         conda:

@@ -9,6 +9,7 @@ rule train_proxy:
     output:
         directory("models/proxy"),
         metrics="metrics/train_proxy.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "proxy", "train_proxy"),
     resources:
@@ -34,6 +35,7 @@ rule extract_proxy_codes:
     output:
         directory("data/proxy_codes"),
         metrics="metrics/extract_proxy_codes.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "tokenizer", "extract_proxy_codes"),
     resources:
@@ -61,6 +63,7 @@ rule train_tokenizer:
     output:
         directory("models/tokenizer"),
         metrics="metrics/train_tokenizer.json",
+    threads: STAGE_THREADS
     params:
         sections=section("run", "tokenizer", "train_tokenizer"),
     resources:
