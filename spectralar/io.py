@@ -7,7 +7,9 @@ renamed into place only when the write finished) or the helpers built on it.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -50,6 +52,18 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def csv_text(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str:
+    """A table of dicts (the first row's keys as columns) as CSV: None -> empty cell, bools as
+    true/false (what `dvc exp run -S` and YAML write), everything else as ``str``."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else str(v).lower() if isinstance(v, bool) else v for k, v in row.items()}
+                          for row in rows])
+    return buffer.getvalue()
 
 
 def write_text(path: str | Path, text: str) -> None:

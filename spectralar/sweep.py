@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import io
 import json
 import shlex
 import subprocess
@@ -261,14 +260,9 @@ def table_rows(rows: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Opti
 
 
 def write_table(path: str | Path, table: Sequence[Mapping[str, Any]]) -> None:
-    from spectralar.io import write_text
+    from spectralar.io import csv_text, write_text
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(table[0]), lineterminator="\n")
-    writer.writeheader()
-    for line in table:
-        writer.writerow({k: ("" if v is None else json.dumps(v) if isinstance(v, bool) else v) for k, v in line.items()})
-    write_text(path, buffer.getvalue())
+    write_text(path, csv_text(list(table)))
 
 
 def read_table(path: str | Path) -> list[dict[str, str]]:

@@ -152,13 +152,9 @@ TINY_SWEEPS = {"ablation": {  # two rows keep the suite short: one runs, one is 
 
 
 def _set_params(project: Path, overrides: dict) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+    from spectralar.sweep import apply_overrides
+
+    params = apply_overrides(yaml.safe_load((project / "params.yaml").read_text()), overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -53,6 +53,7 @@ def test_report_without_a_sweep_holds_this_pipelines_row(project):
     assert {"fid", "inception_score", "paper_fid", "paper_inception_score"} <= set(rows[0])
     by_row = {r["row"]: r for r in rows}
     assert by_row["nonuniform"]["fid"] == "21.5" and by_row["nonuniform"]["source"] == "this pipeline"
+    assert by_row["baseline"]["causal_mask"] == "false"  # as in the sweep table and `-S` overrides
     assert by_row["baseline"]["fid"] == "" and by_row["baseline"]["source"] == "not run"
     assert by_row["baseline"]["paper_fid"] == "6.3" and by_row["causal"]["paper_inception_score"] == "222.6"
     text = (root / "reports" / "report.md").read_text()

@@ -22,8 +22,6 @@ Outputs under ``--out`` (one directory, atomic): ``generation.csv``, ``truncatio
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.metrics import class_accuracy, compute_metrics, extract_features, load_reference, \
     reference_statistics, validate_samples
-from spectralar.io import atomic_path
+from spectralar.io import atomic_path, csv_text
 from spectralar.models.codec import SpectralCodec
 from spectralar.stages.common import load_codec, stage_device
 from spectralar.stages.reference_stats import extractor_for
@@ -239,12 +237,7 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
 # ------------------------------------------------------------------------------------------------
 
 def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
-                      for row in rows])
-    return buffer.getvalue()
+    return csv_text([{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows])
 
 
 def generation_rows(metrics: dict, dataset: str) -> list[dict]:

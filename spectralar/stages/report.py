@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from spectralar.io import atomic_path, write_text
+from spectralar.io import atomic_path, csv_text, write_text
 from spectralar.stages import STAGES
 
 SECTIONS = ("run", "sweeps")
@@ -133,15 +132,6 @@ def correlation_table(correlation: Mapping[str, Any]) -> list[dict]:
 
 def stage_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[dict]:
     return [{"stage": name, "seconds": metrics[name].get("stage_seconds")} for name in STAGES if name in metrics]
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
-    return buffer.getvalue()
 
 
 def _cell(value: Any) -> str:
