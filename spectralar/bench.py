@@ -18,9 +18,11 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -94,12 +96,31 @@ def _vit_flops_per_sample(blocks: torch.nn.Module, depth: int, width: int, token
     return model_flops_per_sample(params, tokens, layers=depth, width=width)
 
 
+def _model_configs(params_file: str | Path):
+    """(tokenizer, generator) configs of a params file, completed as the pipeline's stages complete
+    them: image shape and classes from the prepared manifest when ``data/prepared`` holds one, else
+    the dataset's known shape (Fashion-MNIST: 1 channel, 10 classes; an ImageFolder: RGB, 1000 classes)."""
+    from spectralar.artifacts import generator_config_for, tokenizer_config_for
+    from spectralar.config import load_params
+    from spectralar.data.shards import ImageShards
+
+    params = load_params(params_file)
+    try:
+        train = ImageShards("data/prepared", "train")
+        shape, classes = train.image_shape, train.num_classes
+    except (FileNotFoundError, ValueError):
+        gray = params.data.source == "fashion_mnist"
+        shape, classes = (params.data.resolution, params.data.resolution, 1 if gray else 3), 10 if gray else 1000
+    tokenizer = tokenizer_config_for(params.tokenizer, shape, params.proxy.codebook_size)
+    tokens = {"vocab": tokenizer.codebook_size, "num_tokens": tokenizer.num_tokens, "num_classes": classes}
+    return tokenizer, generator_config_for(params.generator, tokens)
+
+
 def bench_tokenizer(args: argparse.Namespace) -> dict:
     from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
-    from spectralar.config import load_params
     from spectralar.training import autocast, build_adamw, mfu, peak_flops, resolve_device
 
-    cfg = TokenizerConfig.titok_b64() if args.config == "b64" else load_params(args.params).tokenizer
+    cfg = TokenizerConfig.titok_b64() if args.config == "b64" else _model_configs(args.params)[0]
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = NestedSpectralTokenizer(cfg).to(device)
@@ -145,17 +166,87 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
 GENERATOR_CONFIGS = ("default", "d16", "d20", "d24", "d16_p4")
 
 
+
+def generator_training(config, device: str | torch.device = "cpu", batch: int = 64, steps: int = 10,
+              warmup: int = 2, bf16: bool = True, peak: Optional[float] = None) -> dict:
+    """Training throughput of the generator on random tokens: forward, backward and AdamW per step.
+
+    Returns tokens/s, images/s, parameters, FLOPs per image and MFU (None on CPU unless ``peak``,
+    the device's peak FLOP/s, is given).
+    """
+    from spectralar.models.generator import SpectralGPT
+    from spectralar.stages.train_generator import TeacherForced, flops_per_image
+    from spectralar.training import autocast, build_adamw, mfu, peak_flops, synchronize
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    model = SpectralGPT(config).to(device).train()
+    net = TeacherForced(model)
+    optimizer = build_adamw(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    ids_BN = torch.randint(0, config.vocab_size, (batch, config.num_tokens), generator=generator).to(device)
+    labels_B = torch.randint(0, config.num_classes + 1, (batch,), generator=generator).to(device)
+
+    def one_step() -> None:
+        with autocast(device, bf16):
+            logits_BNV = net(ids_BN, labels_B)
+        loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), ids_BN.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        one_step()
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    synchronize(device)
+    images_per_second = batch * steps / (time.perf_counter() - begin)
+    flops = flops_per_image(model)
+    utilisation = mfu(flops, images_per_second, peak_flops(device, peak))
+    return {"device": str(device), "batch": batch, "steps": steps,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "images_per_second": round(images_per_second, 1),
+            "tokens_per_second": round(images_per_second * config.num_tokens, 1),
+            "flops_per_image": flops, "mfu": None if utilisation is None else round(utilisation, 4)}
+
+
+
+def generator_sampling(config, device: str | torch.device = "cpu", batch: int = 64,
+                       repeats: int = 2, cfg_scale: float = 1.5) -> dict:
+    """Generation images/s of a randomly initialised generator with and without the KV cache."""
+    from spectralar.models.generator import SpectralGPT
+    from spectralar.models.sampling import cyclic_labels, generate
+    from spectralar.training import synchronize
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = SpectralGPT(config).to(device).eval()
+    labels = cyclic_labels(config.num_classes, -(-batch // config.num_classes))[:batch].to(device)
+    result: dict = {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
+                    "parameters": sum(p.numel() for p in model.parameters())}
+    for cached in (True, False):
+        generator = torch.Generator(device).manual_seed(0)
+        generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)  # warm-up
+        synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)
+        synchronize(device)
+        rate = batch * repeats / (time.perf_counter() - begin)
+        result["images_per_second_" + ("kv_cache" if cached else "no_cache")] = round(rate, 1)
+    result["kv_cache_speedup"] = round(result["images_per_second_kv_cache"] / result["images_per_second_no_cache"], 2)
+    return result
+
+
 def bench_generator(args: argparse.Namespace) -> dict:
     """Training and sampling throughput of one generator config; both from randomly initialised weights
     (speed does not depend on the weights). The cached sampler must beat full recompute (issue 4)."""
-    from spectralar.config import load_params
     from spectralar.models.generator import GeneratorConfig
-    from spectralar.stages.sample import benchmark_sampling
-    from spectralar.stages.train_generator import benchmark
     from spectralar.training import resolve_device
 
     if args.config == "default":
-        cfg = load_params(args.params).generator
+        cfg = _model_configs(args.params)[1]
     else:
         cfg = getattr(GeneratorConfig, args.config)()
     if args.num_tokens:
@@ -167,12 +258,12 @@ def bench_generator(args: argparse.Namespace) -> dict:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "num_tokens": cfg.num_tokens,
               "tokens_per_step": cfg.tokens_per_step}
-    train = benchmark(cfg, device, batch=args.batch, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
+    train = generator_training(cfg, device, batch=args.batch, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
                       peak=args.peak_flops)
     result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
                                              "tokens_per_second", "flops_per_image", "mfu")}
     if args.sample_batch:
-        result["sample"] = benchmark_sampling(cfg, device, batch=args.sample_batch, repeats=args.sample_repeats)
+        result["sample"] = generator_sampling(cfg, device, batch=args.sample_batch, repeats=args.sample_repeats)
     return result
 
 

@@ -1,66 +1,53 @@
-"""One CLI for both orchestrators: ``python -m spectralar <stage> --params params.yaml [paths...]``."""
+"""One CLI for both orchestrators: ``python -m spectralar <stage> --params params.yaml [paths...]``.
+
+Light until a stage runs: the parser lists the stages from ``spectralar.stages.STAGE_TABLE`` and
+imports only the chosen stage's module (for its arguments, then its ``run``), so ``--help`` and a
+``prepare`` never import torch-fidelity, timm or the models.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from spectralar.config import ConfigError, Params, load_params
-from spectralar.io import read_json, write_json
+from spectralar.config import ConfigError, load_params
+from spectralar.io import write_json
 from spectralar.log import get_logger, setup_logging
-from spectralar.stages import STAGES, load_stage
-from spectralar.training import seed_everything
-
-if TYPE_CHECKING:
-    from spectralar.tracking import StageRecord
+from spectralar.stages import STAGE_TABLE, load_stage, stage_info
+from spectralar.stages.context import StageContext, pipeline_tags
 
 
-@dataclass
-class StageContext:
-    """What a stage's ``run`` gets: typed params, parsed paths, a tracker and a logger."""
+class StageParser(argparse.ArgumentParser):
+    """One stage's subcommand. The stage's module (which may pull in torch, timm or torch-fidelity)
+    is imported, to add the stage's own arguments, only when this subcommand is parsed: ``--help``
+    and the parser of any other stage stay light."""
 
-    name: str
-    params: Params
-    args: argparse.Namespace
-    sections: tuple[str, ...]
-    tracker: Any
-    log: logging.Logger
+    def __init__(self, *args: Any, stage: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        self.stage_arguments_added = False
+        self.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        self.add_argument("--metrics", default=f"metrics/{stage}.json", help="metrics JSON output")
 
-    def log_outputs(self, directory: str | Path, names: Sequence[str], checkpoints: Sequence[str] = ()) -> None:
-        """Log a stage's small outputs (those that exist) as MLflow artifacts, and its model files too
-        when ``tracking.log_checkpoints`` is on."""
-        wanted = [*names, *(checkpoints if self.params.tracking.log_checkpoints else ())]
-        for name in wanted:
-            if (Path(directory) / name).exists():
-                self.tracker.log_artifact(Path(directory) / name)
-
-    def write_config(self, directory: str | Path, **derived: Any) -> None:
-        """The resolved config beside a stage's outputs (sections used + derived values)."""
-        write_json(Path(directory) / "config.json", {
-            "stage": self.name,
-            "params_file": self.params.path,
-            "params": self.params.subset(self.sections),
-            "derived": derived,
-        })
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.stage_arguments_added:
+            load_stage(self.stage).add_arguments(self)
+            self.stage_arguments_added = True
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spectralar", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name in STAGES:
-        module = load_stage(name)
-        stage_parser = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        stage_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        stage_parser.add_argument("--metrics", default=f"metrics/{name}.json", help="metrics JSON output")
-        module.add_arguments(stage_parser)
+    """The CLI's parser, built from the stage table alone (no stage module is imported here)."""
+    parser = argparse.ArgumentParser(prog="spectralar", description="Run one pipeline stage (DVC and Snakemake "
+                                     "call the same command lines).")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE", parser_class=StageParser)
+    for name, info in STAGE_TABLE.items():
+        sub.add_parser(name, stage=name, help=info.summary, description=f"{name}: {info.summary}")
     return parser
 
 
@@ -69,59 +56,16 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-# Table 4's switches, tagged on every pipeline run so ablation rows can be told apart in MLflow.
-TABLE4_SWITCHES = ("spectral_supervision", "causal_mask", "nonuniform_mapping")
-
-
-def sweep_row(params_file: str | Path) -> Optional[tuple[str, str]]:
-    """``(sweep, row)`` when the params file is a sweep row's, ``runs/<sweep>/<row>/params.yaml``."""
-    from spectralar.sweep import PARAMS_FILE, SWEEP_ROOT
-
-    parts = Path(params_file).parts
-    if len(parts) >= 4 and parts[-4] == SWEEP_ROOT and parts[-1] == PARAMS_FILE:
-        return parts[-3], parts[-2]
-    return None
-
-
-def pipeline_tags(params: Params) -> dict[str, str]:
-    """Tags of the MLflow pipeline run of a params file: the Table 4 switches, and the sweep row
-    (a Snakemake row's params file, or the DVC experiment named <sweep>-<row> that runs it)."""
-    tags = {f"spectralar.switch.{name}": str(getattr(params.tokenizer, name)).lower() for name in TABLE4_SWITCHES}
-    row = sweep_row(params.path)
-    if row is not None:
-        tags["spectralar.sweep"], tags["spectralar.sweep_row"] = row
-        if row[0] == "ablation":
-            tags["spectralar.ablation_row"] = row[1]
-    experiment = os.environ.get("DVC_EXP_NAME")
-    if experiment:  # set by `dvc exp run` for every stage of an experiment
-        tags["spectralar.dvc_experiment"] = experiment
-    return tags
-
-
-def stage_record(name: str, params: Params, *, metrics_file: str | Path | None = None,
-                 artifacts: Sequence[str | Path] = ()) -> StageRecord:
-    """What ``spectralar.tracking.finish_pipeline`` needs to record stage ``name`` without running
-    it: the params sections it depends on (as ``run_stage`` logs them), its metrics file (default
-    ``metrics/<name>.json``; raises FileNotFoundError if missing), and ``artifacts`` (paths) plus
-    the metrics file as artifacts."""
-    from spectralar.tracking import StageRecord
-
-    sections = tuple(load_stage(name).SECTIONS)
-    metrics_path = Path(metrics_file if metrics_file is not None else f"metrics/{name}.json")
-    metrics = read_json(metrics_path)
-    return StageRecord(name, params.subset(sections), params.digest(sections), metrics,
-                       tuple(str(p) for p in (*artifacts, metrics_path)))
-
-
 def run_stage(name: str, args: argparse.Namespace) -> dict:
     """Run one stage. Under torchrun every rank does the work, but only rank 0 writes the
     metrics file and opens an MLflow run (the others would race on both)."""
     from spectralar.tracking import StageRun
+    from spectralar.training import seed_everything  # torch: imported once a stage runs
 
     log = get_logger(name)
     module = load_stage(name)
     params = load_params(args.params)
-    sections: tuple[str, ...] = tuple(module.SECTIONS)
+    sections: tuple[str, ...] = stage_info(name).sections
     main_rank = launch_rank() == 0
     seed_everything(params.run.seed)
     start = time.perf_counter()
@@ -147,12 +91,12 @@ def torchrun_command(stage: str, argv: Sequence[str], environ: Optional[dict] = 
     """The torchrun command line that reruns ``argv`` on N processes of this node, or None.
 
     ``SPECTRALAR_NPROC_PER_NODE`` = N, or ``auto`` (one process per visible CUDA device), asks for it.
-    Only stages that declare ``DISTRIBUTED = True`` relaunch, and never a process torchrun already
+    Only stages the stage table marks ``distributed`` relaunch, and never a process torchrun already
     started (``RANK`` set), so DVC and Snakemake keep one command line for 1 or 8 GPUs.
     """
     environ = os.environ if environ is None else environ
     value = environ.get(NPROC_VARIABLE, "").strip()
-    if not value or "RANK" in environ or not getattr(load_stage(stage), "DISTRIBUTED", False):
+    if not value or "RANK" in environ or not stage_info(stage).distributed:
         return None
     if value == "auto":
         import torch

@@ -24,6 +24,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from spectralar.stages import STAGE_TABLE  # the light stage table: names, sections, config classes
+
 
 class ConfigError(ValueError):
     """A params file that does not match the schema. The message starts with the key path."""
@@ -107,12 +109,34 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported annotation {_type_name(tp)}")
 
 
+# A dataclass field whose metadata holds this key is *derived*: its value is declared once, upstream,
+# and read by the stage from the artefact it consumes (``spectralar.artifacts``), never written in a
+# params file. The metadata value says where it comes from.
+DERIVED_FROM = "derived_from"
+
+
+def derived_fields(cls: type) -> dict[str, str]:
+    """{field name: where its value comes from} for the derived fields of dataclass ``cls``."""
+    return {f.name: f.metadata[DERIVED_FROM] for f in dataclasses.fields(cls) if DERIVED_FROM in f.metadata}
+
+
 def build(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly (every field present, no extras)."""
+    """Build dataclass ``cls`` from a mapping, strictly (every field present, no extras).
+
+    Derived fields (:data:`DERIVED_FROM`) must be absent and keep their defaults until the stage
+    fills them in from its input artefacts; a params file that still sets one is an error naming the
+    key and where the value now comes from.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.init]
+    derived = derived_fields(cls)
+    restated = sorted(set(data) & set(derived))
+    if restated:
+        name = restated[0]
+        raise ConfigError(f"{path}.{name}: no longer a params key: its value comes from {derived[name]}; "
+                          f"delete it from the params file")
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in derived]
     names = {f.name for f in fields}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -128,9 +152,10 @@ def build(cls: type, data: Any, path: str) -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain JSON/YAML-able structure (tuples become lists)."""
+    """Dataclass -> plain JSON/YAML-able structure (tuples become lists), as a params file spells it:
+    derived fields (filled in by the stages from artefacts) are left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if DERIVED_FROM not in f.metadata}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -183,25 +208,16 @@ class TrackingConfig:
 # --------------------------------------------------------------------------------------------
 
 # Section name -> dataclass, or "module:Class" resolved on first use (model configs live beside
-# their models). Adding a stage = one module, one entry here if it has its own section, one entry
-# in spectralar.stages.STAGES, one dvc.yaml stage and one Snakemake rule.
+# their models). Adding a stage: README "Adding a stage".
 SECTIONS: dict[str, type | str] = {
     "run": RunConfig,
     "data": DataConfig,
     "tracking": TrackingConfig,
     "proxy": "spectralar.models.proxy_vq:ProxyConfig",
-    "train_proxy": "spectralar.stages.train_proxy:TrainProxyConfig",
     "tokenizer": "spectralar.models.tokenizer:TokenizerConfig",
-    "extract_proxy_codes": "spectralar.stages.extract_proxy_codes:ExtractProxyCodesConfig",
-    "train_tokenizer": "spectralar.stages.train_tokenizer:TrainTokenizerConfig",
-    "train_evalnet": "spectralar.stages.train_evalnet:TrainEvalnetConfig",
-    "reference_stats": "spectralar.stages.reference_stats:ReferenceStatsConfig",
-    "correlation": "spectralar.stages.correlation:CorrelationConfig",
-    "dump_tokens": "spectralar.stages.dump_tokens:DumpTokensConfig",
     "generator": "spectralar.models.generator:GeneratorConfig",
-    "train_generator": "spectralar.stages.train_generator:TrainGeneratorConfig",
-    "sample": "spectralar.stages.sample:SampleConfig",
-    "evaluate": "spectralar.stages.evaluate:EvaluateConfig",
+    # one section per stage that has settings of its own: the stage table's ``config`` (in pipeline order)
+    **{name: info.config for name, info in STAGE_TABLE.items() if info.config},
     # sweep name -> row name -> {"section.key": value} (DVC's -S overrides); spectralar/sweep.py
     "sweeps": dict[str, dict[str, dict[str, Any]]],
 }

@@ -32,16 +32,16 @@ import json
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from spectralar.dag import StageSpec, load_dag, producer, topological_order, upstream  # noqa: F401 (re-exported)
+from spectralar.evaluation.headline import HEADLINE_METRICS
+
 SWEEP_ROOT = "runs"
 PARAMS_FILE = "params.yaml"
-# Columns of a sweep table taken from the row's metrics/evaluate.json (absent keys are left empty).
-TABLE_METRICS = ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy", "rfid")
 NOT_SWEPT = ("prepare", "report")  # shared by every row; a row that changes them is an error
 
 
@@ -103,73 +103,18 @@ def write_row_params(params_file: str | Path, sweep: str, row: str, out: Optiona
 
 
 # --------------------------------------------------------------------------------------------
-# The DAG, from dvc.yaml
+# Which stages a row reruns (the DAG itself: spectralar.dag)
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    cmd: str
-    deps: tuple[str, ...]
-    outs: tuple[str, ...]  # outs + metrics + plots
-    sections: tuple[str, ...]
-
-
-def load_dag(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, StageSpec]:
-    spec = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-    dag = {}
-    for name, stage in spec.items():
-        outs = [o if isinstance(o, str) else next(iter(o))
-                for o in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])]
-        dag[name] = StageSpec(name, stage["cmd"], tuple(stage.get("deps", [])), tuple(outs),
-                              tuple(stage.get("params", [])))
-    return dag
-
-
-def _inside(path: str, out: str) -> bool:
-    return path == out or path.startswith(out.rstrip("/") + "/")
-
-
-def producer(dag: Mapping[str, StageSpec], path: str) -> Optional[tuple[str, str]]:
-    """(stage, out) of the stage output that ``path`` is or lies inside, or None (source code, params)."""
-    for spec in dag.values():
-        for out in spec.outs:
-            if _inside(path, out):
-                return spec.name, out
-    return None
-
-
-def upstream(dag: Mapping[str, StageSpec], stage: str) -> set[str]:
-    found = {p[0] for p in (producer(dag, d) for d in dag[stage].deps) if p is not None}
-    return found - {stage}
-
 
 def row_specific_stages(dag: Mapping[str, StageSpec], base: Mapping[str, Any],
                         row: Mapping[str, Any]) -> set[str]:
     """Stages whose params sections differ between ``row`` and ``base``, and everything downstream."""
     changed: set[str] = set()
-    for name in _topological(dag):
+    for name in topological_order(dag):
         own = any(base.get(s) != row.get(s) for s in dag[name].sections)
         if own or upstream(dag, name) & changed:
             changed.add(name)
     return changed
-
-
-def _topological(dag: Mapping[str, StageSpec]) -> list[str]:
-    order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        for parent in sorted(upstream(dag, name)):
-            visit(parent)
-        order.append(name)
-
-    for name in dag:
-        visit(name)
-    return order
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +189,8 @@ def _column_names(keys: Sequence[str]) -> dict[str, str]:
 
 
 def table_rows(rows: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Optional[Mapping[str, Any]]]) -> list[dict]:
-    """One dict per row: ``row``, the overridden keys, then :data:`TABLE_METRICS` (None when not run)."""
+    """One dict per row: ``row``, the overridden keys, then the headline metrics of the row's
+    metrics/evaluate.json (:data:`~spectralar.evaluation.headline.HEADLINE_METRICS`; None when not run)."""
     keys: list[str] = []
     for overrides in rows.values():
         keys += [k for k in overrides if k not in keys]
@@ -254,7 +200,7 @@ def table_rows(rows: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Opti
         line: dict[str, Any] = {"row": row}
         line.update({columns[k]: overrides.get(k) for k in keys})
         found = metrics.get(row)
-        line.update({m: (found or {}).get(m) for m in TABLE_METRICS})
+        line.update({m: (found or {}).get(m) for m in HEADLINE_METRICS})
         table.append(line)
     return table
 

@@ -87,3 +87,27 @@ def test_mappings_are_checked_key_by_key():
         build(WithMapping, {"rows": {}, "sizes": {"small": "two"}}, "sweeps")
     with pytest.raises(ConfigError, match=r"sweeps.rows: expected a mapping, got \[1\]"):
         build(WithMapping, {"rows": [1], "sizes": {}}, "sweeps")
+
+
+@pytest.mark.parametrize("key, source", [
+    ("proxy.image_size", "the prepared dataset's manifest"),
+    ("proxy.in_channels", "the prepared dataset's manifest"),
+    ("tokenizer.image_size", "the prepared dataset's manifest"),
+    ("tokenizer.in_channels", "the prepared dataset's manifest"),
+    ("tokenizer.proxy_codebook_size", "the proxy model file"),
+    ("generator.vocab_size", "the token dump's manifest"),
+    ("generator.num_tokens", "the token dump's manifest"),
+    ("generator.num_classes", "the token dump's manifest"),
+])
+def test_values_declared_upstream_are_refused_in_params(tmp_path, key, source):
+    """Values flow downstream: an old params file that restates one is told where it now comes from."""
+    with pytest.raises(ConfigError, match=rf"^{key}: no longer a params key: its value comes from {source}"):
+        load_params(write_params(tmp_path / "old.yaml", {key: 32}))
+
+
+def test_derived_fields_stay_out_of_the_recorded_params(tmp_path):
+    params = load_params(write_params(tmp_path / "p.yaml"))
+    recorded = params.subset(("proxy", "tokenizer", "generator"))
+    assert "image_size" not in recorded["tokenizer"] and "proxy_codebook_size" not in recorded["tokenizer"]
+    assert "in_channels" not in recorded["proxy"] and "num_tokens" not in recorded["generator"]
+    assert recorded["tokenizer"]["num_tokens"] == params.tokenizer.num_tokens  # N is declared here, once

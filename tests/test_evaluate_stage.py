@@ -14,8 +14,8 @@ import torch
 from spectralar.data.loader import to_float, to_uint8
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.domain import load_domain_net, predict
-from spectralar.stages.common import load_codec
-from spectralar.stages.evaluate import load_samples, truncated_files
+from spectralar.artifacts import load_codec
+from spectralar.artifacts import load_samples, truncated_files
 from tests.conftest import TINY, make_fashion_dir
 from tests.test_generator_stages import GeneratorProject
 
@@ -308,7 +308,7 @@ def test_prefix_psnr_uses_psnr_images_of_the_val_split(pipeline):
     assert metrics["psnr_images"] == 4 and metrics["rfid_num_images"] == metrics["reconstruction_images"] == 10
     assert {r["num_images"] for r in _rows(pipeline.root / "psnr4" / "reconstruction.csv")} == {"4"}
     # the mean PSNR of 4 spread val images, from train_tokenizer's evaluation run here directly
-    from spectralar.stages.train_tokenizer import evaluate
+    from spectralar.evaluation.reconstruction import prefix_psnr as evaluate
 
     codec = load_codec(pipeline.root / "tokenizer" / "tokenizer.pt", "cpu")
     direct = evaluate(codec, ImageShards(pipeline.root / "prepared", "val"), 4, torch.device("cpu"))

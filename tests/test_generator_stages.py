@@ -19,11 +19,11 @@ from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.models.generator import GeneratorConfig
 from spectralar.models.sampling import generate
-from spectralar.stages.common import load_codec, load_model_file
+from spectralar.artifacts import load_codec, load_model_file
 from tests.conftest import REPO, TINY, make_fashion_dir, write_params
 from tests.test_tokenizer_stages import Project
 
-N_TOKENS, VOCAB = TINY["generator.num_tokens"], TINY["generator.vocab_size"]
+N_TOKENS, VOCAB = TINY["tokenizer.num_tokens"], TINY["tokenizer.codebook_size"]
 
 
 class GeneratorProject(Project):
@@ -116,7 +116,7 @@ def test_load_codec_needs_a_tokenizer_file(tmp_path):
 # ------------------------------------------------------------------------------------------ train_generator
 
 def test_train_generator_outputs_and_checkpoint_round_trip(project):
-    from spectralar.stages.train_generator import load_generator
+    from spectralar.artifacts import load_generator
 
     metrics = project.run("train_generator")
     root = project.root
@@ -132,6 +132,9 @@ def test_train_generator_outputs_and_checkpoint_round_trip(project):
     state = load_model_file(root / "generator" / "generator.pt", "generator")
     model, extra = load_generator(root / "generator" / "generator.pt", "cpu")
     assert model.config == GeneratorConfig(**{**state["configs"]["generator"]})
+    tokens = json.loads((root / "tokens" / "manifest.json").read_text())  # the shape flows from the tokens
+    assert (model.config.num_tokens, model.config.vocab_size, model.config.num_classes) == \
+        (tokens["num_tokens"], tokens["vocab"], tokens["num_classes"]) == (N_TOKENS, VOCAB, 10)
     assert all(torch.equal(v, state["weights"]["generator"][k]) for k, v in model.state_dict().items())
     assert extra["class_names"][0] == "T-shirt/top" and not model.training
     ids = torch.from_numpy(np.load(root / "tokens" / "val.npy")[:4].astype(np.int64))
@@ -139,16 +142,33 @@ def test_train_generator_outputs_and_checkpoint_round_trip(project):
     assert logits.shape == (4, N_TOKENS, VOCAB) and torch.isfinite(logits).all()
 
 
-def test_generator_must_match_the_tokens(project):
-    project.set_params({"generator.vocab_size": 64})
-    with pytest.raises(ConfigError, match=r"generator.vocab_size: 64 .* codebook size is 32"):
-        project.run("train_generator")
-    project.set_params({"generator.num_tokens": 16})
-    with pytest.raises(ConfigError, match=r"generator.num_tokens: 16 .* token count N is 8"):
-        project.run("train_generator")
-    project.set_params({"generator.num_classes": 11})
-    with pytest.raises(ConfigError, match=r"generator.num_classes: 11"):
-        project.run("train_generator")
+def test_generator_shape_comes_from_the_tokens_and_is_not_a_param(project):
+    """N, the vocabulary and the classes are declared upstream and read from the token dump; an
+    old params file that still restates one is refused, naming the key and where it comes from."""
+    for key, value in (("generator.vocab_size", 64), ("generator.num_tokens", 16), ("generator.num_classes", 11)):
+        project.set_params({key: value})
+        with pytest.raises(ConfigError, match=rf"{key}: no longer a params key: its value comes from the token dump"):
+            project.run("train_generator")
+
+
+def test_generator_worker_reproduces_its_stage(project):
+    """train_generator's Trainer takes explicit values: run by hand, it trains the stage's model."""
+    from spectralar.artifacts import generator_config_for, load_tokens
+    from spectralar.config import load_params
+    from spectralar.stages.train_generator import Trainer
+    from spectralar.training import init_distributed, seed_everything
+
+    params = load_params(project.params)
+    manifest, ids, labels = load_tokens(project.root / "tokens")
+    config = generator_config_for(params.generator, manifest)
+    seed_everything(params.run.seed)
+    trainer = Trainer(config, params.train_generator, ids, labels, init_distributed(device_preference="cpu"),
+                      seed=params.run.seed)
+    trainer.fit()
+    project.run("train_generator")
+    saved = load_model_file(project.root / "generator" / "generator.pt", "generator")["weights"]["generator"]
+    state = trainer.model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
 
 
 def test_killed_generator_run_resumes_bit_identically(project, monkeypatch):
@@ -241,16 +261,17 @@ def test_torchrun_relaunch_only_for_distributed_stages():
 
 def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):
     """Rank r's labels are rows r·b..(r+1)·b of the single-process batch, dropped labels included."""
-    from spectralar.cli import StageContext
+    from spectralar.artifacts import generator_config_for, load_tokens
     from spectralar.config import load_params
-    from spectralar.log import get_logger
     from spectralar.stages.train_generator import Trainer
     from spectralar.training import DistributedContext
 
     project.set_params({"generator.class_dropout": 0.5, "train_generator.batch_size": 8})
-    args = type("Args", (), {"tokens": str(project.root / "tokens"), "checkpoints": str(project.root / "ck")})()
-    ctx = StageContext("train_generator", load_params(project.params), args, (), None, get_logger())
-    trainer = Trainer(ctx)
+    params = load_params(project.params)
+    manifest, ids, labels = load_tokens(project.root / "tokens")
+    single = DistributedContext(0, 0, 1, torch.device("cpu"), True)
+    trainer = Trainer(generator_config_for(params.generator, manifest), params.train_generator, ids, labels, single,
+                      seed=params.run.seed)
     full_ids, full_labels = trainer.batch(5)
     assert (full_labels == 10).any() and (full_labels != 10).any()  # some dropped to the null class
     for rank in (0, 1):
@@ -265,7 +286,7 @@ def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):
 def test_sample_outputs_are_seeded_cyclic_and_truncated(project):
     from PIL import Image
 
-    from spectralar.stages.train_generator import load_generator
+    from spectralar.artifacts import load_generator
 
     project.run("train_generator")
     metrics = project.run("sample")
@@ -277,7 +298,7 @@ def test_sample_outputs_are_seeded_cyclic_and_truncated(project):
     # Table 3: the drop-2 file decodes the first N-2 tokens, which a run of N-2 tokens would draw too
     # Decoded here in the stage's own batch shape: float results are bit-identical only for the same
     # shapes (a different batch size may change a pixel by one uint8 level on another machine or thread count).
-    from spectralar.stages.sample import decode_uint8
+    from spectralar.models.codec import decode_uint8
 
     codec = load_codec(project.root / "tokenizer" / "tokenizer.pt", "cpu")
     ids = torch.from_numpy(samples["ids"].astype(np.int64))
@@ -317,7 +338,7 @@ def project_sample_config(project):
 
 def test_spectrum_completion_keeps_the_given_prefix(project):
     from spectralar.stages.sample import complete_spectrum, completion_inputs
-    from spectralar.stages.train_generator import load_generator
+    from spectralar.artifacts import load_generator
 
     project.run("train_generator")
     model, _ = load_generator(project.root / "generator" / "generator.pt", "cpu")
@@ -357,8 +378,7 @@ def test_sample_rejects_truncation_beyond_the_sequence(project):
 # ------------------------------------------------------------------------------------------ benchmarks
 
 def test_benchmarks_report_throughput():
-    from spectralar.stages.sample import benchmark_sampling
-    from spectralar.stages.train_generator import benchmark
+    from spectralar.bench import generator_sampling as benchmark_sampling, generator_training as benchmark
 
     torch.set_num_threads(1)
     config = GeneratorConfig(depth=1, width=32, heads=2, vocab_size=32, num_tokens=8)

@@ -61,7 +61,8 @@ def tree(tmp_path_factory, empty_store):
     """An ablation row's pipeline: prepare and train_evalnet run through the CLI with tracking on,
     train_proxy "restored from the run cache" (metrics file and output, no execution), then the
     report's ``finish_pipeline`` twice."""
-    from spectralar.cli import pipeline_tags, run_stage, stage_record
+    from spectralar.cli import run_stage
+    from spectralar.stages.context import pipeline_tags, stage_record
     from spectralar.config import load_params
     from spectralar.tracking import finish_pipeline
 
@@ -292,7 +293,7 @@ def test_a_dvc_experiment_copy_records_into_the_project_store(tmp_path, empty_st
 
 
 def test_sweep_row_and_switch_tags(tmp_path):
-    from spectralar.cli import pipeline_tags, sweep_row
+    from spectralar.stages.context import pipeline_tags, sweep_row
     from spectralar.config import load_params
 
     assert sweep_row("runs/ablation/no_causal/params.yaml") == ("ablation", "no_causal")

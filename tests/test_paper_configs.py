@@ -22,7 +22,7 @@ from spectralar.config import SECTIONS, load_params, section_class
 from spectralar.models.generator import GeneratorConfig, SpectralGPT
 from spectralar.models.proxy_vq import CHECKPOINT_FILE_NAME, ProxyConfig
 from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
-from spectralar.stages.common import token_omegas
+from spectralar.artifacts import generator_config_for, proxy_config_for, tokenizer_config_for
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -35,6 +35,20 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 VAR_EPOCHS = {"d16": 200, "d20": 250, "d24": 350, "d16-p4": 200}  # REFERENCE §3
 # (depth, tokens_per_step, published parameter count): VAR's d16 310M, d20 601M, d24 1.03B.
 GENERATORS = {"d16": (16, 1, 310e6), "d20": (20, 1, 601e6), "d24": (24, 1, 1.03e9), "d16-p4": (16, 4, 310e6)}
+
+
+# What the stages read from the artefacts of an ImageNet run (values flow downstream): the prepared
+# manifest's image shape and classes, the proxy file's codebook, the token dump's N and vocabulary.
+IMAGENET_IMAGE_SHAPE = (256, 256, 3)
+IMAGENET_CLASSES = 1000
+
+
+def _model_configs(params) -> tuple[ProxyConfig, TokenizerConfig, GeneratorConfig]:
+    """The complete model configs of a paper run, filled in as the stages fill them in."""
+    proxy = proxy_config_for(params.proxy, IMAGENET_IMAGE_SHAPE)
+    tokenizer = tokenizer_config_for(params.tokenizer, IMAGENET_IMAGE_SHAPE, proxy.codebook_size)
+    tokens = {"vocab": tokenizer.codebook_size, "num_tokens": tokenizer.num_tokens, "num_classes": IMAGENET_CLASSES}
+    return proxy, tokenizer, generator_config_for(params.generator, tokens)
 
 
 def _raw(path: Path) -> dict:
@@ -86,7 +100,7 @@ def test_config_loads_and_reads_imagenet(name):
     assert (data.source, data.resolution, data.shard_format, data.max_images_per_class) == \
         ("imagefolder", 256, "jpeg", None)
     assert params.extract_proxy_codes.mode == "precomputed"
-    assert params.sample.num_per_class * params.generator.num_classes == 50_000
+    assert params.sample.num_per_class * IMAGENET_CLASSES == 50_000
     assert (params.sample.cfg_scale, params.sample.top_k, params.sample.top_p) == (1.5, 900, 0.96)
     assert params.sample.truncate == (0, 5, 10, 15)
     assert Path(params.reference_stats.adm_reference).name == "VIRTUAL_imagenet256_labeled.npz"
@@ -102,13 +116,13 @@ def test_config_has_exactly_the_sections_and_keys_of_params_yaml(name):
 
 def test_tokenizer_is_titok_b64_with_the_three_switches():
     params = load_params(CONFIGS["d16"])
-    config = params.tokenizer
+    _, config, _ = _model_configs(params)
     assert config == TokenizerConfig.titok_b64()
     assert config.spectral_supervision and config.causal_mask and config.nonuniform_mapping
     count = _parameters(lambda: NestedSpectralTokenizer(config))
     assert count == 172_053_772  # tests/test_tokenizer.py counts the same architecture by hand
     assert abs(count / 172.05e6 - 1) < 0.005
-    omegas = token_omegas(config)
+    omegas = config.omegas
     assert (omegas[32 - 1], omegas[48 - 1], omegas[64 - 1]) == (32, 64, 256)
     eq9 = [i if i <= 32 else 2 * i - 32 if i <= 48 else 12 * i - 512 for i in range(1, 65)]
     assert list(omegas) == eq9
@@ -116,11 +130,12 @@ def test_tokenizer_is_titok_b64_with_the_three_switches():
 
 def test_proxy_is_maskgit_vqgan_loaded_from_a_relative_path():
     params = load_params(CONFIGS["d16"])
-    assert params.proxy == ProxyConfig.maskgit_imagenet()
+    proxy, tokenizer, _ = _model_configs(params)
+    assert proxy == ProxyConfig.maskgit_imagenet()
     checkpoint = Path(params.train_proxy.checkpoint)
     assert checkpoint.name == CHECKPOINT_FILE_NAME and not checkpoint.is_absolute()
-    assert params.proxy.grid_size == params.tokenizer.grid_size
-    assert params.proxy.codebook_size == params.tokenizer.proxy_codebook_size
+    assert proxy.grid_size == tokenizer.grid_size
+    assert proxy.codebook_size == tokenizer.proxy_codebook_size == 1024
 
 
 def test_tokenizer_training_is_titoks_two_stage_recipe():
@@ -138,16 +153,14 @@ def test_tokenizer_training_is_titoks_two_stage_recipe():
 def test_generator_is_vars_with_its_parameter_count(name):
     params = load_params(CONFIGS[name])
     depth, tokens_per_step, published = GENERATORS[name]
-    config = params.generator
+    _, _, config = _model_configs(params)
     assert (config.depth, config.tokens_per_step) == (depth, tokens_per_step)
     assert (config.width, config.heads, config.drop_path_rate) == (None, None, None)  # VAR's derived values
-    assert config.vocab_size == params.tokenizer.codebook_size
-    assert config.num_tokens == params.tokenizer.num_tokens
-    assert config.num_classes == 1000
+    assert (config.vocab_size, config.num_tokens, config.num_classes) == (4096, 64, 1000)
     count = _parameters(lambda: SpectralGPT(config))
     assert abs(count / published - 1) < 0.03, count
     if name == "d16-p4":
-        assert count == _parameters(lambda: SpectralGPT(load_params(CONFIGS["d16"]).generator))
+        assert count == _parameters(lambda: SpectralGPT(_model_configs(load_params(CONFIGS["d16"]))[2]))
         assert config.num_steps == 16
 
 

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from spectralar.models.proxy_vq import (
     ProxyConfig,
+    ProxyQuantizer,
     ProxyVQModel,
     ResBlock,
-    VectorQuantizer,
-    codebook_usage,
     load_maskgit_checkpoint,
 )
+from spectralar.models.quantizer import SpectralTokenQuantizer
 
 KEYS_FILE = Path(__file__).parents[2] / "shared/paper/maskgit-vqgan-state-dict-keys.txt"
 
@@ -201,7 +201,7 @@ def test_encode_ids_is_brute_force_nearest_code() -> None:
 
 def test_vq_loss_weights_codebook_and_commitment_terms() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(codebook_size=16, code_dim=4, commitment_weight=0.25)
+    quantizer = ProxyQuantizer(codebook_size=16, code_dim=4, commitment_weight=0.25)
     quantizer.embedding.weight.data.normal_()
     latents = torch.randn(2, 4, 3, 3, requires_grad=True)
     quantized, ids, vq_loss = quantizer(latents)
@@ -216,7 +216,7 @@ def test_vq_loss_weights_codebook_and_commitment_terms() -> None:
 
 def test_quantisation_stays_float32_under_autocast() -> None:
     # Two codes 2**-9 apart: identical in bfloat16, distinct in float32. z sits exactly on code 1.
-    quantizer = VectorQuantizer(codebook_size=2, code_dim=1, commitment_weight=0.25)
+    quantizer = ProxyQuantizer(codebook_size=2, code_dim=1, commitment_weight=0.25)
     quantizer.embedding.weight.data = torch.tensor([[1.0], [1.0 + 2.0 ** -9]])
     latents = torch.full((1, 1, 2, 2), 1.0 + 2.0 ** -9)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -316,12 +316,16 @@ def test_bad_inputs_raise_value_errors_naming_the_argument() -> None:
         model.probs_to_images(torch.zeros(1, 255, 8, 8))
 
 
-def test_codebook_usage() -> None:
-    single = codebook_usage(torch.zeros(4, 8, 8, dtype=torch.long), codebook_size=16)
-    assert single == {"fraction_used": 1 / 16, "perplexity": pytest.approx(1.0)}
-    uniform = codebook_usage(torch.arange(16).repeat(3).view(3, 4, 4), codebook_size=16)
-    assert uniform == {"fraction_used": 1.0, "perplexity": pytest.approx(16.0)}
-    half = codebook_usage(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), codebook_size=8)
-    assert half == {"fraction_used": 0.5, "perplexity": pytest.approx(4.0)}
-    with pytest.raises(ValueError, match="ids"):
-        codebook_usage(torch.tensor([0, 16]), codebook_size=16)
+def test_proxy_and_token_quantizers_share_their_maths() -> None:
+    """Without normalisation the tokenizer's quantizer is the same VQ as the proxy's, channels last."""
+    torch.manual_seed(0)
+    proxy = ProxyQuantizer(codebook_size=32, code_dim=6, commitment_weight=0.25)
+    proxy.embedding.weight.data.normal_()
+    tokens = SpectralTokenQuantizer(codebook_size=32, code_dim=6, commitment_weight=0.25, normalize=False)
+    tokens.load_state_dict(proxy.state_dict())
+    latents_BDhw = torch.randn(2, 6, 3, 5)
+    quantized_BDhw, ids_Bhw, proxy_loss = proxy(latents_BDhw)
+    z_q_BND, ids_BN, token_loss = tokens(latents_BDhw.flatten(2).transpose(1, 2))  # (B, h*w, D)
+    assert torch.equal(ids_BN, ids_Bhw.flatten(1))
+    assert torch.equal(z_q_BND, quantized_BDhw.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(token_loss, proxy_loss)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spectralar.models.masks import decoder_mask, encoder_mask
-from spectralar.models.quantizer import VectorQuantizer, codebook_stats
+from spectralar.models.quantizer import SpectralTokenQuantizer
 from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
 from spectralar.training import DeadCodeRestarts
 
@@ -278,7 +278,7 @@ def test_decode_rejects_bad_input() -> None:
 
 def test_quantizer_matches_bruteforce_reference() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(codebook_size=10, code_dim=4, commitment_weight=0.25)
+    quantizer = SpectralTokenQuantizer(codebook_size=10, code_dim=4, commitment_weight=0.25)
     z_BND = torch.randn(3, 5, 4)
     z_q_BND, ids_BN, loss = quantizer(z_BND)
     # Independent reference in numpy: normalise, nearest by explicit pairwise distances.
@@ -297,7 +297,7 @@ def test_quantizer_matches_bruteforce_reference() -> None:
 
 def test_quantizer_codes_ids_and_loss_properties() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(codebook_size=16, code_dim=6)
+    quantizer = SpectralTokenQuantizer(codebook_size=16, code_dim=6)
     z_q_BND, ids_BN, loss = quantizer(torch.randn(4, 7, 6) * 3)
     assert ids_BN.min() >= 0 and ids_BN.max() < 16
     assert loss.item() >= 0 and loss.dtype == torch.float32
@@ -309,7 +309,7 @@ def test_quantizer_codes_ids_and_loss_properties() -> None:
 
 def test_quantizer_runs_in_float32_under_autocast() -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(codebook_size=64, code_dim=8)
+    quantizer = SpectralTokenQuantizer(codebook_size=64, code_dim=8)
     z_BND = torch.randn(2, 9, 8)
     _, reference_ids, _ = quantizer(z_BND)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -339,20 +339,10 @@ def test_straight_through_passes_reconstruction_gradient_alone() -> None:
     assert model.quantizer.embedding.weight.grad is None
 
 
-def test_codebook_stats() -> None:
-    stats = codebook_stats(torch.tensor([[0, 0], [1, 1]]), codebook_size=4)
-    assert stats["usage"] == pytest.approx(0.5)
-    assert stats["perplexity"] == pytest.approx(2.0)
-    uniform = codebook_stats(torch.arange(8).repeat(3), codebook_size=8)
-    assert uniform == pytest.approx({"usage": 1.0, "perplexity": 8.0})
-    with pytest.raises(ValueError, match="ids"):
-        codebook_stats(torch.tensor([4]), codebook_size=4)
-
-
 @pytest.mark.parametrize("normalized", [True, False])
 def test_dead_code_restarts_reseed_only_dead_codes_from_latents(normalized: bool) -> None:
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(codebook_size=16, code_dim=4, normalize=normalized)
+    quantizer = SpectralTokenQuantizer(codebook_size=16, code_dim=4, normalize=normalized)
     weight = quantizer.embedding.weight
     latents_MD = torch.randn(32, 4)  # encoder outputs of "this batch"
     optimizer = torch.optim.Adam(quantizer.parameters(), lr=1e-2)
@@ -393,7 +383,7 @@ def test_dead_code_restarts_reseed_only_dead_codes_from_latents(normalized: bool
     seeded_M = seeded_M > (1 - 1e-6 if normalized else -1e-6)
     ids = quantizer(latents_MD[None])[1][0]
     assert dead[ids[seeded_M]].all()
-    assert restarts.usage.sum() == 0 and restarts.restarted == 13
+    assert restarts.counts.sum() == 0 and restarts.restarted == 13
     # deterministic in (seed, step), and the counts survive a checkpoint round trip
     again = DeadCodeRestarts(16, every=2, seed=7)
     again.observe(live)
@@ -403,13 +393,13 @@ def test_dead_code_restarts_reseed_only_dead_codes_from_latents(normalized: bool
     resumed = DeadCodeRestarts(16, every=2, seed=7)
     restarts.observe(torch.tensor([1, 1, 2]))
     resumed.load_state_dict(restarts.state_dict())
-    assert torch.equal(resumed.usage, restarts.usage) and resumed.restarted == 13
+    assert torch.equal(resumed.counts, restarts.counts) and resumed.restarted == 13
 
 
 def test_dead_code_restarts_off_and_nothing_dead() -> None:
     off = DeadCodeRestarts(8, every=0, seed=0)
     off.observe(torch.tensor([1, 2]))
-    assert not off.enabled and not any(off.due(step) for step in range(10)) and off.usage.sum() == 0
+    assert not off.enabled and not any(off.due(step) for step in range(10)) and off.counts.sum() == 0
     weight = torch.randn(4, 3)
     before = weight.clone()
     restarts = DeadCodeRestarts(4, every=1, seed=0)

@@ -11,8 +11,10 @@ import torch
 
 from spectralar.cli import build_parser, run_stage
 from spectralar.models.proxy_vq import ProxyVQModel
-from spectralar.stages.common import config_from_dict, load_model_file
-from spectralar.training import NonFiniteLossError
+from spectralar.artifacts import config_from_dict, load_model_file, load_proxy, proxy_config_for, tokenizer_config_for
+from spectralar.config import load_params
+from spectralar.data.shards import ImageShards
+from spectralar.training import NonFiniteLossError, seed_everything
 from tests.conftest import TINY, write_params
 
 
@@ -212,3 +214,40 @@ def test_perceptual_network_without_weights_is_a_clear_error(tmp_path, fashion_d
                                               "train_tokenizer.perceptual_weight": 0.1})
     with pytest.raises(FileNotFoundError, match="train_tokenizer.perceptual_weights.*vgg16-397923af.pth"):
         project.run_all()
+
+
+# ------------------------------------------------------------------------------------------ pure workers
+# The training loops take explicit values (model config, optimiser settings, data, a logger) and need no
+# params file or stage context; a stage's run(ctx) only wires params and paths to them.
+
+def _same_weights(saved: dict, module: torch.nn.Module) -> bool:
+    state = module.state_dict()
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+
+
+def test_proxy_and_tokenizer_workers_reproduce_their_stages(project):
+    from spectralar.stages.train_proxy import train as train_proxy
+    from spectralar.stages.train_tokenizer import Trainer
+
+    project.run("prepare")
+    params = load_params(project.params)
+    root, seed = project.root, params.run.seed
+    train = ImageShards(root / "prepared", "train")
+
+    seed_everything(seed)
+    proxy = ProxyVQModel(proxy_config_for(params.proxy, train.image_shape))
+    result = train_proxy(proxy, params.train_proxy, train, torch.device("cpu"), seed=seed)
+    assert result["trained_steps"] == params.train_proxy.steps
+    project.run("train_proxy")
+    assert _same_weights(load_model_file(root / "proxy" / "proxy.pt", "proxy")["weights"]["proxy"], proxy)
+
+    project.run("extract_proxy_codes")
+    seed_everything(seed)
+    proxy = load_proxy(root / "proxy" / "proxy.pt", torch.device("cpu"))
+    config = tokenizer_config_for(params.tokenizer, train.image_shape, proxy.config.codebook_size)
+    trainer = Trainer(config, params.train_tokenizer, train, proxy, root / "codes", torch.device("cpu"), seed=seed)
+    trainer.fit()
+    assert [row["step"] for row in trainer.history][-1] == trainer.total
+    project.run("train_tokenizer")
+    saved = load_model_file(root / "tokenizer" / "tokenizer.pt", "tokenizer")["weights"]["tokenizer"]
+    assert _same_weights(saved, trainer.tokenizer)

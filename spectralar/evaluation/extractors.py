@@ -267,3 +267,14 @@ def has_logits(extractor_name: str) -> bool:
     except (ValueError, KeyError):
         return False
 
+
+def extractor_for(name: str, inception_weights: str, evalnet: str | Path) -> tuple[str, dict]:
+    """(torch-fidelity extractor name, its kwargs) for ``domain`` (the trained domain net file
+    ``evalnet``) or ``inception`` (the TF-Inception, from ``inception_weights`` or looked up offline)."""
+    register_extractors()
+    if name == "domain":
+        if not Path(evalnet).is_file():
+            raise FileNotFoundError(f"{evalnet} not found: run the train_evalnet stage first")
+        return "domain", {"feature_extractor_weights_path": str(evalnet)}
+    extractor, kwargs, _ = resolve_inception(inception_weights or None)
+    return extractor, kwargs

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from spectralar.data.loader import to_uint8
 from spectralar.models.proxy_vq import ProxyVQModel
 from spectralar.models.tokenizer import NestedSpectralTokenizer
 
@@ -43,3 +45,10 @@ class SpectralCodec(nn.Module):
     def decode(self, ids_Bn: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Ids (B, n <= N) -> images (B, C, H, W) in [-1, 1]; n ids decode the n-token prefix."""
         return self.logits_to_images(self.tokenizer.decode_ids(ids_Bn, prefix_lengths)).clamp(-1, 1)
+
+
+def decode_uint8(codec: SpectralCodec, ids_Bn: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Images uint8 (B, H, W, C) decoded from the ids' prefix (all n given tokens)."""
+    parts = [to_uint8(codec.decode(ids_Bn[start:start + batch_size])).permute(0, 2, 3, 1).cpu().numpy()
+             for start in range(0, len(ids_Bn), batch_size)]
+    return np.concatenate(parts)

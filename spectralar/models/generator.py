@@ -19,7 +19,7 @@ whole group can be sampled in parallel. For k = 1 this is the ordinary causal ma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -45,14 +45,18 @@ _INIT_HEAD = 0.02
 # --------------------------------------------------------------------------------------- config
 
 
+TOKEN_MANIFEST = "the token dump's manifest (dump_tokens: the tokenizer's N and codebook, the dataset's classes)"
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Hyper-parameters of :class:`SpectralGPT`; ``None`` fields take VAR's depth-derived values."""
 
     depth: int = 4
-    vocab_size: int = 256  # tokenizer codebook size V
-    num_tokens: int = 16  # sequence length N
-    num_classes: int = 10  # index num_classes is the null class used for CFG
+    # Derived (spectralar.config.DERIVED_FROM): train_generator reads them from the token dump.
+    vocab_size: int = field(default=256, metadata={"derived_from": TOKEN_MANIFEST})  # tokenizer codebook size V
+    num_tokens: int = field(default=16, metadata={"derived_from": TOKEN_MANIFEST})  # sequence length N
+    num_classes: int = field(default=10, metadata={"derived_from": TOKEN_MANIFEST})  # index num_classes = null class (CFG)
     tokens_per_step: int = 1  # k tokens sampled in parallel per step (4 = p4 variant)
     width: Optional[int] = None  # None -> 64 * depth (VAR)
     heads: Optional[int] = None  # None -> depth (VAR, head dim 64)

@@ -1,6 +1,6 @@
 """MaskGIT-VQGAN-style proxy VQ model: conv encoder / decoder around a 2D codebook.
 
-TiTok trains its 1D tokenizer in two stages with "proxy codes" (REFERENCE §2; paper §4.1 follows
+TiTok trains its 1D tokenizer in two stages with "proxy codes" (TiTok's two-stage recipe; paper §4.1 follows
 TiTok exactly): a frozen MaskGIT-VQGAN (Chang et al., 2022) turns every target image into a grid of
 code ids; stage 1 trains the tokenizer's decoder to predict those ids by cross-entropy; stage 2
 softmaxes the tokenizer's logits, mixes this codebook with the probabilities and runs this decoder.
@@ -11,8 +11,8 @@ One method per consumer (the VAR quantizer's habit):
 - ``codes_to_images``  decoding hard ids (previews, rFID of the proxy itself);
 - ``probs_to_images``  stage 2: soft mixing of the codebook, differentiable in the probabilities.
 
-The module tree reproduces the official state dict (``maskgit-vqgan-imagenet-f16-256.bin``, keys in
-``paper/maskgit-vqgan-state-dict-keys.txt``) so that it loads with ``strict=True``:
+The module tree reproduces the official state dict (``maskgit-vqgan-imagenet-f16-256.bin``; the tests
+hold it to the release's key list) so that it loads with ``strict=True``:
 
 - encoder: ``conv_in`` (3x3, no bias) -> ``down.{i}.block.{j}`` -> 2x2 average pool after every level
   but the last (the keys file has no parameters for it) -> ``mid.{j}`` -> ``norm_out`` -> SiLU ->
@@ -30,16 +30,17 @@ network itself works in and the model converts at its boundary.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spectralar.models.quantizer import float32_region, nearest_code_ids, straight_through_vq
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ _PIXEL_RANGES = ("minus_one_one", "zero_one")
 # --------------------------------------------------------------------------------------------------
 
 
+PREPARED_MANIFEST = "the prepared dataset's manifest (prepare: data.resolution, the images' channels)"
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Shape of the proxy VQ model; the defaults are a tiny 32 px grayscale model for tests and CPU.
@@ -61,8 +65,9 @@ class ProxyConfig:
     ``pixel_range`` is the range the *network* was trained on; public methods always speak [-1, 1].
     """
 
-    image_size: int = 32
-    in_channels: int = 1
+    # Derived (spectralar.config.DERIVED_FROM): filled in by train_proxy from the prepared dataset.
+    image_size: int = field(default=32, metadata={"derived_from": PREPARED_MANIFEST})
+    in_channels: int = field(default=1, metadata={"derived_from": PREPARED_MANIFEST})
     base_channels: int = 32
     channel_multipliers: tuple[int, ...] = (1, 2, 2)
     res_blocks: int = 2
@@ -97,7 +102,7 @@ class ProxyConfig:
 
     @classmethod
     def maskgit_imagenet(cls) -> ProxyConfig:
-        """The official MaskGIT-VQGAN (ImageNet 256, f16, codebook 1024 x 256), REFERENCE §2."""
+        """The official MaskGIT-VQGAN (ImageNet 256, f16, codebook 1024 x 256) that TiTok trains against."""
         return cls(image_size=256, in_channels=3, base_channels=128, channel_multipliers=(1, 1, 2, 2, 4),
                    res_blocks=2, codebook_size=1024, code_dim=256, norm_groups=32,
                    commitment_weight=0.25, pixel_range="zero_one")
@@ -120,16 +125,6 @@ class ProxyConfig:
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-def _float32_region(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast switched off, so quantisation maths stays float32 under mixed precision.
-
-    Devices without autocast (the meta device used for shape checks) get a no-op context.
-    """
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
@@ -257,12 +252,15 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))  # (B, C, H, W)
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour codebook, plain squared L2 distance, computed in float32.
+class ProxyQuantizer(nn.Module):
+    """The proxy's quantizer: every position of a feature map (B, D, h, w) becomes its nearest code.
 
-    No L2 normalisation of latents or codes: MaskGIT's VQGAN quantises raw vectors (unlike TiTok's own
-    1D quantizer), and its codebook was trained that way, so normalising would change which code is
-    nearest for the official weights.
+    No L2 normalisation of latents or codes: MaskGIT's VQGAN quantises raw vectors (unlike the
+    tokenizer's ``SpectralTokenQuantizer``, TiTok's), and its codebook was trained that way, so
+    normalising would change which code is nearest for the official weights. A class of its own
+    because its layout (channels first), its extra consumer (``mix``, TiTok stage 2) and its
+    parameter name (``embedding.weight`` under ``quantize``, as in the official checkpoint) differ;
+    the nearest-code search and the VQ loss are the shared functions of ``spectralar.models.quantizer``.
     """
 
     def __init__(self, codebook_size: int, code_dim: int, commitment_weight: float) -> None:
@@ -275,13 +273,10 @@ class VectorQuantizer(nn.Module):
     def nearest_ids(self, latents_BDhw: torch.Tensor) -> torch.Tensor:
         """Id of the nearest code at every position, (B, h, w) int64."""
         batch, dim, height, width = latents_BDhw.shape
-        with _float32_region(latents_BDhw.device):
+        with float32_region(latents_BDhw.device):
             z_ND = latents_BDhw.float().permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
             codebook_VD = self.embedding.weight.float()  # (V, D)
-            # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, without materialising (N, V, D).
-            distances_NV = (z_ND.pow(2).sum(1, keepdim=True) - 2.0 * z_ND @ codebook_VD.t()
-                            + codebook_VD.pow(2).sum(1)[None, :])  # (N, V)
-            return distances_NV.argmin(dim=1).view(batch, height, width)  # (B, h, w)
+            return nearest_code_ids(z_ND, codebook_VD).view(batch, height, width)  # (B, h, w)
 
     def lookup(self, ids_Bhw: torch.Tensor) -> torch.Tensor:
         """Code vectors of ``ids``, channels first: (B, D, h, w)."""
@@ -289,24 +284,19 @@ class VectorQuantizer(nn.Module):
 
     def mix(self, probs_BVhw: torch.Tensor) -> torch.Tensor:
         """Probability-weighted average of the codebook (TiTok stage 2), (B, D, h, w), float32."""
-        with _float32_region(probs_BVhw.device):
+        with float32_region(probs_BVhw.device):
             return torch.einsum("bvhw,vd->bdhw", probs_BVhw.float(), self.embedding.weight.float())
 
     def forward(self, latents_BDhw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(straight-through quantised latents, ids, VQ loss), all quantisation maths in float32.
+        """(straight-through quantised latents (B, D, h, w), ids (B, h, w), VQ loss), in float32.
 
-        VQ loss (VQ-VAE, van den Oord et al. 2017, eq. 3): ||sg[z] - e||^2 moves the codebook,
-        ``commitment_weight`` * ||z - sg[e]||^2 keeps the encoder close to its codes.
+        The VQ loss and straight-through estimator are VQ-VAE's (``straight_through_vq``).
         """
         ids_Bhw = self.nearest_ids(latents_BDhw)  # (B, h, w)
-        with _float32_region(latents_BDhw.device):
+        with float32_region(latents_BDhw.device):
             z_BDhw = latents_BDhw.float()
             quantized_BDhw = self.lookup(ids_Bhw).float()  # (B, D, h, w)
-            codebook_term = F.mse_loss(quantized_BDhw, z_BDhw.detach())
-            commitment_term = F.mse_loss(z_BDhw, quantized_BDhw.detach())
-            vq_loss = codebook_term + self.commitment_weight * commitment_term
-            # Straight-through: forward value is the code, gradient flows to z unchanged.
-            straight_through_BDhw = z_BDhw + (quantized_BDhw - z_BDhw).detach()
+            straight_through_BDhw, vq_loss = straight_through_vq(z_BDhw, quantized_BDhw, self.commitment_weight)
         return straight_through_BDhw, ids_Bhw, vq_loss
 
 
@@ -322,7 +312,7 @@ class ProxyVQModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantize = VectorQuantizer(config.codebook_size, config.code_dim, config.commitment_weight)
+        self.quantize = ProxyQuantizer(config.codebook_size, config.code_dim, config.commitment_weight)
         self.decoder = Decoder(config)
 
     # ---- pixel range at the boundary ----
@@ -402,27 +392,6 @@ class ProxyVQModel(nn.Module):
         """
         self._check_probs(probs)
         return self._decode(self.quantize.mix(probs))  # (B, C, H, W)
-
-
-def codebook_usage(ids: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """Fraction of the codebook used by ``ids`` and the perplexity exp(H) of their empirical distribution.
-
-    Perplexity ranges from 1 (one code) to ``codebook_size`` (all codes equally often).
-    """
-    if codebook_size < 1:
-        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-    if ids.is_floating_point() or ids.numel() == 0:
-        raise ValueError(f"ids must be a non-empty integer tensor, "
-                         f"got dtype {ids.dtype}, shape {tuple(ids.shape)}")
-    flat = ids.reshape(-1).long()
-    if int(flat.min()) < 0 or int(flat.max()) >= codebook_size:
-        raise ValueError(f"ids must lie in [0, {codebook_size}), "
-                         f"got range [{int(flat.min())}, {int(flat.max())}]")
-    counts_V = torch.bincount(flat, minlength=codebook_size).double()  # (V,)
-    probs_V = counts_V / counts_V.sum()
-    nonzero = probs_V[probs_V > 0]
-    entropy = -(nonzero * nonzero.log()).sum()
-    return {"fraction_used": float((counts_V > 0).double().mean()), "perplexity": float(entropy.exp())}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,23 +1,67 @@
-"""Vector quantizer Q of the Nested Spectral Tokenizer (paper eq. 3, S = Q(Ŝ)).
+"""Vector quantizer Q of the Nested Spectral Tokenizer (paper eq. 3, S = Q(Ŝ)), and the VQ maths
+it shares with the proxy's quantizer (``spectralar.models.proxy_vq.ProxyQuantizer``).
 
-Follows TiTok's quantizer (REFERENCE §2): latents z and codebook entries are L2-normalised,
-nearest-code lookup and both loss terms run in float32 even under autocast, and gradients pass
-the quantisation step with the straight-through estimator (VQ-VAE, van den Oord et al. 2017).
-The loss is the ‖Ŝ − S‖² term of eq. 4, split as in VQ-VAE into a codebook term and a weighted
-commitment term; TiTok uses no entropy loss, so neither do we.
+Follows TiTok's quantizer: latents z and codebook entries are L2-normalised, nearest-code lookup
+and both loss terms run in float32 even under autocast, and gradients pass the quantisation step
+with the straight-through estimator (VQ-VAE, van den Oord et al. 2017). The loss is the
+‖Ŝ − S‖² term of eq. 4, split as in VQ-VAE into a codebook term and a weighted commitment term;
+TiTok uses no entropy loss, so neither do we.
+
+Why two quantizer classes and not one with options: they agree on the maths (the functions
+below, used by both) but not on conventions. This one quantises a token sequence (B, N, D),
+L2-normalised by default, and returns normalised codes; the proxy's quantises a feature map
+(B, D, h, w) of raw vectors, decodes probability mixtures of its codebook (TiTok stage 2) and
+must keep the official MaskGIT-VQGAN layout. One class would branch on layout and normalisation
+in every method, and moving the proxy's loss to another layout would change its float sums.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-neighbour vector quantizer with straight-through gradients.
+def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off, so quantisation maths stays float32 under mixed precision.
+
+    TiTok quantises in float32: low-precision distances pick wrong codes among thousands of close
+    ones. Devices without autocast (the meta device used for shape checks) get a no-op context.
+    """
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def nearest_code_ids(z: torch.Tensor, codebook_KD: torch.Tensor) -> torch.Tensor:
+    """Index of the closest code to each row of z (..., D), shape (...): squared Euclidean distance
+    expanded as ‖z‖² − 2 z·e + ‖e‖², so no (..., K, D) difference tensor is materialised."""
+    distances = (
+        z.pow(2).sum(-1, keepdim=True)
+        - 2.0 * z @ codebook_KD.t()
+        + codebook_KD.pow(2).sum(-1)
+    )  # (..., K)
+    return distances.argmin(dim=-1)  # (...)
+
+
+def straight_through_vq(z: torch.Tensor, codes: torch.Tensor,
+                        commitment_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes with the straight-through gradient to z, VQ loss) for codes chosen for z (same shape).
+
+    VQ-VAE's loss (van den Oord et al. 2017, eq. 3): ‖sg[z] − e‖² moves the codebook,
+    ``commitment_weight`` · ‖z − sg[e]‖² keeps the encoder close to its codes. The returned
+    tensor equals the codes in value; its gradient flows to z unchanged (straight-through).
+    """
+    codebook_term = F.mse_loss(codes, z.detach())
+    commitment_term = F.mse_loss(z, codes.detach())
+    loss = codebook_term + commitment_weight * commitment_term
+    return z + (codes - z).detach(), loss
+
+
+class SpectralTokenQuantizer(nn.Module):
+    """The tokenizer's quantizer: each of the N spectral tokens (B, N, D) becomes its nearest code.
 
     Args:
         codebook_size: number of codes K (TiTok-B64: 4096).
@@ -73,19 +117,14 @@ class VectorQuantizer(nn.Module):
         if z_BND.ndim != 3 or z_BND.shape[-1] != self.code_dim:
             raise ValueError(f"z must have shape (B, N, {self.code_dim}), got {tuple(z_BND.shape)}")
         input_dtype = z_BND.dtype
-        # fp32 lookup (TiTok): low-precision distances pick wrong codes among 4096 close ones.
-        with torch.autocast(device_type=z_BND.device.type, enabled=False):
+        with float32_region(z_BND.device):
             z_BND = z_BND.float()
             if self.normalize:
                 z_BND = F.normalize(z_BND, dim=-1)
             codebook_KD = self._codebook()  # (K, D)
-            ids_BN = _nearest_code(z_BND, codebook_KD)  # (B, N)
+            ids_BN = nearest_code_ids(z_BND, codebook_KD)  # (B, N)
             codes_BND = codebook_KD[ids_BN]  # (B, N, D)
-            codebook_loss = F.mse_loss(codes_BND, z_BND.detach())
-            commitment_loss = F.mse_loss(z_BND, codes_BND.detach())
-            loss = codebook_loss + self.commitment_weight * commitment_loss
-            # Straight-through: forward value = code, backward = identity to z.
-            z_q_BND = z_BND + (codes_BND - z_BND).detach()  # (B, N, D)
+            z_q_BND, loss = straight_through_vq(z_BND, codes_BND, self.commitment_weight)  # (B, N, D)
         return z_q_BND.to(input_dtype), ids_BN, loss
 
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
@@ -96,38 +135,3 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"ids must lie in [0, {self.codebook_size}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         return self._codebook()[ids.long()]  # (..., D)
-
-
-def _nearest_code(z_BND: torch.Tensor, codebook_KD: torch.Tensor) -> torch.Tensor:
-    """Index of the closest code in squared Euclidean distance, ‖z‖² − 2 z·e + ‖e‖²."""
-    distances_BNK = (
-        z_BND.pow(2).sum(-1, keepdim=True)
-        - 2.0 * z_BND @ codebook_KD.t()
-        + codebook_KD.pow(2).sum(-1)
-    )  # (B, N, K)
-    return distances_BNK.argmin(dim=-1)  # (B, N)
-
-
-def codebook_stats(ids: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """Codebook health over a batch of ids of any shape.
-
-    Returns:
-        usage: fraction of the K codes that occur at least once.
-        perplexity: exp(entropy) of the empirical code distribution, between 1 (one code) and
-            min(K, number of ids) (uniform use).
-    """
-    if codebook_size < 1:
-        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-    flat_ids = ids.reshape(-1).long()
-    if flat_ids.numel() == 0:
-        raise ValueError("ids must not be empty")
-    if int(flat_ids.min()) < 0 or int(flat_ids.max()) >= codebook_size:
-        raise ValueError(f"ids must lie in [0, {codebook_size})")
-    counts_K = torch.bincount(flat_ids, minlength=codebook_size).double()  # (K,)
-    probabilities_K = counts_K / counts_K.sum()
-    nonzero = probabilities_K[probabilities_K > 0]
-    entropy = float(-(nonzero * nonzero.log()).sum())
-    return {
-        "usage": float((counts_K > 0).sum()) / codebook_size,
-        "perplexity": math.exp(entropy),
-    }

@@ -14,7 +14,7 @@ proxy head is LayerNorm + Linear.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,15 +22,19 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from spectralar.models.masks import decoder_mask, encoder_mask
-from spectralar.models.quantizer import VectorQuantizer
+from spectralar.models.quantizer import SpectralTokenQuantizer
+
+
+PREPARED_MANIFEST = "the prepared dataset's manifest (prepare: data.resolution, the images' channels)"
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     """Architecture of the Nested Spectral Tokenizer. Defaults: a tiny model for 32 px grayscale."""
 
-    image_size: int = 32
-    in_channels: int = 1
+    # Derived (spectralar.config.DERIVED_FROM): filled in by the stages from their input artefacts.
+    image_size: int = field(default=32, metadata={"derived_from": PREPARED_MANIFEST})
+    in_channels: int = field(default=1, metadata={"derived_from": PREPARED_MANIFEST})
     patch_size: int = 4
     width: int = 128
     encoder_depth: int = 4
@@ -41,7 +45,7 @@ class TokenizerConfig:
     codebook_size: int = 256
     code_dim: int = 12
     commitment_weight: float = 0.25
-    proxy_codebook_size: int = 256
+    proxy_codebook_size: int = field(default=256, metadata={"derived_from": "the proxy model file (train_proxy)"})
     # Table 4's switches. spectral_supervision: prefix s_1..s_i reconstructs I'_i (off = plain
     # TiTok: all N tokens, full-image target). causal_mask: the spectral causal mask in E and D.
     # nonuniform_mapping: eq. 9's ω schedule generalised (off = uniform ω_i = round(i·H/N)).
@@ -68,6 +72,13 @@ class TokenizerConfig:
         if not self.commitment_weight >= 0:
             raise ValueError(f"TokenizerConfig.commitment_weight must be >= 0, "
                              f"got {self.commitment_weight}")
+
+    @property
+    def omegas(self) -> tuple[int, ...]:
+        """ω_1..ω_N: eq. 9 generalised to any N and H, or the uniform ablation (Table 4)."""
+        from spectralar.spectral import frequency_schedule
+
+        return frequency_schedule(self.num_tokens, self.image_size, "nonuniform" if self.nonuniform_mapping else "uniform")
 
     @classmethod
     def titok_b64(cls) -> TokenizerConfig:
@@ -231,9 +242,9 @@ class NestedSpectralTokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = SpectralEncoder(config)
-        self.quantizer = VectorQuantizer(config.codebook_size, config.code_dim,
-                                         commitment_weight=config.commitment_weight,
-                                         normalize=True)
+        self.quantizer = SpectralTokenQuantizer(config.codebook_size, config.code_dim,
+                                                commitment_weight=config.commitment_weight,
+                                                normalize=True)
         self.decoder = SpectralDecoder(config)
         self._init_weights()
 

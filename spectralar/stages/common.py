@@ -1,11 +1,10 @@
-"""What several stages share: devices, resumable checkpoints, self-describing model files."""
+"""What several stages share: the device, resumable checkpoints. File contracts: ``spectralar.artifacts``."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
@@ -84,57 +83,3 @@ class Checkpointer:
         path = save_checkpoint(self.directory / f"step_{step:08d}.pt", state)
         prune_checkpoints(self.directory, self.keep)
         return path
-
-
-def save_model_file(path: str | Path, kind: str, configs: Mapping[str, Any], weights: Mapping[str, dict],
-                    extra: Optional[Mapping[str, Any]] = None) -> None:
-    """A model file that rebuilds itself: configs (as dicts), state dicts, and plain extras."""
-    save_checkpoint(path, {
-        "kind": kind,
-        "configs": {name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
-        "weights": dict(weights),
-        "extra": dict(extra or {}),
-    })
-
-
-def load_model_file(path: str | Path, kind: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that makes it first (dvc repro / snakemake)")
-    state = load_checkpoint(path)
-    if state.get("kind") != kind:
-        raise ValueError(f"{path} holds a {state.get('kind')!r} model, expected {kind!r}")
-    return state
-
-
-def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Rebuild a frozen config dataclass saved with ``dataclasses.asdict`` (lists -> tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def token_omegas(cfg) -> tuple[int, ...]:
-    """ω_1..ω_N of a tokenizer config (eq. 9 generalised, or the uniform ablation)."""
-    from spectralar.spectral import frequency_schedule
-
-    kind = "nonuniform" if cfg.nonuniform_mapping else "uniform"
-    return frequency_schedule(cfg.num_tokens, cfg.image_size, kind)
-
-
-def load_codec(path: str | Path, device: torch.device | str):
-    """The trained tokenizer file (train_tokenizer's EMA weights) as a ready :class:`SpectralCodec`.
-
-    The file rebuilds itself: configs "tokenizer" and "proxy", their weights, and the extras
-    ``omegas`` (ω_1..ω_N) and ``soft`` (stage-2 soft decoding) that the codec needs.
-    """
-    from spectralar.models.codec import SpectralCodec
-    from spectralar.models.proxy_vq import ProxyConfig, ProxyVQModel
-    from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
-
-    state = load_model_file(path, "tokenizer")
-    tokenizer = NestedSpectralTokenizer(config_from_dict(TokenizerConfig, state["configs"]["tokenizer"]))
-    tokenizer.load_state_dict(state["weights"]["tokenizer"])
-    proxy = ProxyVQModel(config_from_dict(ProxyConfig, state["configs"]["proxy"]))
-    proxy.load_state_dict(state["weights"]["proxy"])
-    extra = state["extra"]
-    codec = SpectralCodec(tokenizer, proxy, tuple(extra["omegas"]), soft=bool(extra["soft"]))
-    return codec.to(device).eval()

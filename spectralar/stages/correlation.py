@@ -28,7 +28,6 @@ from spectralar.evaluation.correlation import (
 )
 from spectralar.io import atomic_path, write_text
 
-SECTIONS = ("run", "correlation")
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spectralar.artifacts import CONFIG, MANIFEST, MAX_UINT16_VOCAB as MAX_VOCAB, load_codec, write_tokens
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
-from spectralar.io import atomic_path, read_json, sha256_file, write_json
+from spectralar.evaluation.measures import codebook_statistics
+from spectralar.io import atomic_path, sha256_file, write_json
 from spectralar.log import progress
 from spectralar.models.codec import SpectralCodec
-from spectralar.stages.common import load_codec, stage_device
-
-SECTIONS = ("run", "dump_tokens")
-MANIFEST = "manifest.json"
-# uint16 holds ids of codebooks up to 65536 entries (TiTok-B64: 4096)
-MAX_VOCAB = np.iinfo(np.uint16).max + 1
+from spectralar.stages.common import stage_device
 
 
 @dataclass(frozen=True)
@@ -60,16 +57,6 @@ def tokenize_split(codec: SpectralCodec, shards: ImageShards, batch_size: int, d
     return ids
 
 
-def load_tokens(directory: str | Path, split: str = "train") -> tuple[dict, np.ndarray, np.ndarray]:
-    """(manifest, ids (images, N) uint16, labels int64) of one split of a dump_tokens output."""
-    directory = Path(directory)
-    if not (directory / MANIFEST).is_file():
-        raise FileNotFoundError(f"{directory / MANIFEST} not found: run the dump_tokens stage first")
-    labels_name = "labels.npy" if split == "train" else f"{split}_labels.npy"
-    manifest = read_json(directory / MANIFEST)
-    return manifest, np.load(directory / f"{split}.npy"), np.load(directory / labels_name)
-
-
 def run(ctx) -> dict:
     cfg: DumpTokensConfig = ctx.params.dump_tokens
     device = stage_device(ctx.params.run.device)
@@ -92,15 +79,12 @@ def run(ctx) -> dict:
     }
     out = Path(ctx.args.out)
     with atomic_path(out, directory=True) as tmp:
-        np.save(tmp / "train.npy", ids["train"], allow_pickle=False)
-        np.save(tmp / "labels.npy", train.labels.astype(np.int64), allow_pickle=False)
-        np.save(tmp / "val.npy", ids["val"], allow_pickle=False)
-        np.save(tmp / "val_labels.npy", val.labels.astype(np.int64), allow_pickle=False)
+        write_tokens(tmp, "train", ids["train"], train.labels)
+        write_tokens(tmp, "val", ids["val"], val.labels)
         write_json(tmp / MANIFEST, manifest)
         ctx.write_config(tmp, num_tokens=codec.num_tokens, vocab=vocab)
-    ctx.log_outputs(out, (MANIFEST, "config.json"))
-    counts = np.bincount(ids["train"].reshape(-1).astype(np.int64), minlength=vocab)
-    usage = float((counts > 0).mean())
+    ctx.log_outputs(out, (MANIFEST, CONFIG))
+    usage = codebook_statistics(torch.from_numpy(ids["train"].astype(np.int64)), vocab)["codebook_usage"]
     ctx.log.info("tokenized %d train + %d val images into %d tokens each; %.1f%% of %d codes used",
                  len(train), len(val), codec.num_tokens, 100 * usage, vocab)
     return {"train_images": len(train), "val_images": len(val), "num_tokens": codec.num_tokens,

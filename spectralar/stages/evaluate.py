@@ -22,26 +22,24 @@ Outputs under ``--out`` (one directory, atomic): ``generation.csv``, ``truncatio
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-import numpy as np
 import torch
 
+from spectralar.artifacts import SAMPLES_FILE, load_codec, load_samples, truncated_files
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
+from spectralar.evaluation.extractors import extractor_for
+from spectralar.evaluation.headline import HEADLINE_METRICS
 from spectralar.evaluation.metrics import class_accuracy, compute_metrics, extract_features, load_reference, \
-    reference_statistics, validate_samples
+    reference_statistics
+from spectralar.evaluation.reconstruction import prefix_psnr
 from spectralar.io import atomic_path, csv_text
-from spectralar.models.codec import SpectralCodec
-from spectralar.stages.common import load_codec, stage_device
-from spectralar.stages.reference_stats import extractor_for
-from spectralar.stages.sample import decode_uint8
-from spectralar.stages.train_tokenizer import evaluate as prefix_psnr
+from spectralar.models.codec import SpectralCodec, decode_uint8
+from spectralar.stages.common import stage_device
 
-SECTIONS = ("run", "evaluate")
 
 # SpectralAR-d16 on ImageNet 256x256 (Inception features, 50k samples, N = 64 tokens).
 PAPER = {
@@ -51,7 +49,6 @@ PAPER = {
     "num_tokens": 64,
     "fid_truncated": {"0": 3.02, "5": 3.34, "10": 6.65, "15": 27.69},  # Table 3: last k of 64 tokens dropped
 }
-TRUNCATED = re.compile(r"samples_drop(\d+)\.npz")
 
 
 @dataclass(frozen=True)
@@ -86,58 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Inputs
 # ------------------------------------------------------------------------------------------------
 
-def load_samples(path: str | Path, image_shape: tuple[int, int, int],
-                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor, Optional[np.ndarray]]:
-    """A sample stage .npz as images uint8 (N, C, H, W), labels int64 (N,) and ids (N, n) or None.
-
-    ADM's layout (``arr_0`` uint8 (N, H, W, C)) at the dataset's resolution and channel count, and
-    ``labels`` (the classes the samples were asked for) in 0..num_classes-1; anything else is a
-    ValueError naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the sample stage first")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz ({err})") from err
-    missing = [key for key in ("arr_0", "labels") if key not in arrays]
-    if missing:
-        raise ValueError(f"{path}: missing array(s) {missing} (need arr_0 uint8 (N, H, W, C) and labels (N,)); "
-                         f"found {sorted(arrays)}")
-    height, width, channels = image_shape
-    expected = f"uint8 (N, {height}, {width}, {channels})"
-    try:
-        images = validate_samples(arrays["arr_0"], layout="nhwc")  # (N, C, H, W)
-    except ValueError as err:
-        raise ValueError(f"{path}: arr_0 must be {expected}: {err}") from err
-    found = (images.shape[2], images.shape[3], images.shape[1])
-    if found != tuple(image_shape):
-        raise ValueError(f"{path}: arr_0 images are {found[0]}x{found[1]} with {found[2]} channel(s) but the "
-                         f"dataset's are {height}x{width} with {channels}: expected {expected}")
-    labels = arrays["labels"]
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"{path}: labels must be (N,) with N = {len(images)} samples, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1} (the dataset's classes), got "
-                         f"{labels.min()}..{labels.max()}")
-    return images, torch.from_numpy(labels.astype(np.int64)), arrays.get("ids")
-
-
-def truncated_files(samples_dir: str | Path) -> dict[int, Path]:
-    """{k: samples_drop{k}.npz} for every truncated sample file, by k."""
-    directory = Path(samples_dir) / "truncated"
-    found = {}
-    for path in sorted(directory.glob("samples_drop*.npz")) if directory.is_dir() else []:
-        match = TRUNCATED.fullmatch(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
-
-
 def reference_for(directory: str | Path, name: str) -> dict[str, Any]:
     path = Path(directory) / f"{name}.npz"
     if not path.is_file():
@@ -155,8 +100,8 @@ class Scorer:
 
     def __init__(self, cfg: EvaluateConfig, evalnet: str, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.extractor, self.kwargs = extractor_for(cfg.feature_extractor, cfg, evalnet)
-        self.domain_kwargs = extractor_for("domain", cfg, evalnet)[1]
+        self.extractor, self.kwargs = extractor_for(cfg.feature_extractor, cfg.inception_weights, evalnet)
+        self.domain_kwargs = extractor_for("domain", cfg.inception_weights, evalnet)[1]
 
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"features", ["logits"], "class_logits"} of uint8 images (N, C, H, W)."""
@@ -182,7 +127,7 @@ class Scorer:
 def generation_metrics(scorer: Scorer, samples_dir: Path, reference: dict, image_shape, num_classes: int,
                        num_tokens: int) -> tuple[dict, dict[int, dict]]:
     """Table 2 metrics of samples.npz and Table 3 rows {k: {fid, inception_score, class_accuracy, ...}}."""
-    images, labels, ids = load_samples(samples_dir / "samples.npz", image_shape, num_classes)
+    images, labels, ids = load_samples(samples_dir / SAMPLES_FILE, image_shape, num_classes)
     if ids is not None and (ids.ndim != 2 or ids.shape != (len(images), num_tokens)):
         raise ValueError(f"{samples_dir / 'samples.npz'}: ids have shape {ids.shape}, expected "
                          f"({len(images)}, {num_tokens}) for the tokenizer's N = {num_tokens}")
@@ -242,7 +187,7 @@ def _csv(rows: list[dict]) -> str:
 
 def generation_rows(metrics: dict, dataset: str) -> list[dict]:
     """Table 2: our row and the paper's d16 row."""
-    keys = ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy", "rfid")
+    keys = HEADLINE_METRICS
     ours = {"source": "ours", "dataset": dataset, "feature_extractor": metrics["feature_extractor"],
             "num_tokens": metrics["num_tokens"], "num_samples": metrics["num_samples"],
             "num_reference": metrics["num_reference"], **{k: metrics[k] for k in keys}}

@@ -19,16 +19,15 @@ from typing import Literal
 import numpy as np
 import torch
 
+from spectralar.artifacts import MANIFEST, PROXY_CODES_TABLE as TABLE, load_proxy, proxy_code_levels, \
+    tokenizer_config_for
 from spectralar.data.loader import to_float
-from spectralar.data.shards import MANIFEST, ImageShards
+from spectralar.data.shards import ImageShards
 from spectralar.io import atomic_path, read_json, sha256_file, write_json
 from spectralar.log import progress
-from spectralar.models.proxy_vq import ProxyConfig, ProxyVQModel
+from spectralar.models.proxy_vq import ProxyVQModel
 from spectralar.spectral import band_limit
-from spectralar.stages.common import config_from_dict, load_model_file, stage_device, token_omegas
-
-SECTIONS = ("run", "tokenizer", "extract_proxy_codes")
-TABLE = "train.npy"
+from spectralar.stages.common import stage_device
 
 
 @dataclass(frozen=True)
@@ -41,20 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data/prepared", help="prepared dataset")
     parser.add_argument("--proxy", default="models/proxy/proxy.pt", help="proxy model file")
     parser.add_argument("--out", default="data/proxy_codes", help="output directory")
-
-
-def levels_for(tokenizer_cfg) -> tuple[int, ...]:
-    """The ω values whose targets stage 1 needs: all N nested levels, or only the full image when
-    spectral supervision is off (plain TiTok, Table 4 row 1)."""
-    omegas = token_omegas(tokenizer_cfg)
-    return omegas if tokenizer_cfg.spectral_supervision else (omegas[-1],)
-
-
-def load_proxy(path: str | Path, device: torch.device) -> ProxyVQModel:
-    state = load_model_file(path, "proxy")
-    model = ProxyVQModel(config_from_dict(ProxyConfig, state["configs"]["proxy"]))
-    model.load_state_dict(state["weights"]["proxy"])
-    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -70,10 +55,9 @@ def codes_for_levels(proxy: ProxyVQModel, images_BCHW: torch.Tensor, omegas: tup
 
 def run(ctx) -> dict:
     cfg: ExtractProxyCodesConfig = ctx.params.extract_proxy_codes
-    tokenizer_cfg = ctx.params.tokenizer
     out = Path(ctx.args.out)
-    omegas = levels_for(tokenizer_cfg)
     shards = ImageShards(ctx.args.data, "train")
+    omegas = proxy_code_levels(tokenizer_config_for(ctx.params.tokenizer, shards.image_shape))
     proxy_path = Path(ctx.args.proxy)
     manifest = {
         "mode": cfg.mode,
@@ -131,11 +115,3 @@ def _open_partial(partial: Path, digest: str, shape: tuple[int, int, int]) -> in
     np.lib.format.open_memmap(partial / TABLE, mode="w+", dtype=np.uint16, shape=shape).flush()
     write_json(progress_file, {"digest": digest, "rows_done": 0})
     return 0
-
-
-def load_codes(directory: str | Path) -> tuple[dict, np.ndarray | None]:
-    """(manifest, table memmap or None for online mode) for train_tokenizer."""
-    manifest = read_json(Path(directory) / MANIFEST)
-    if manifest["mode"] == "online":
-        return manifest, None
-    return manifest, np.load(Path(directory) / TABLE, mmap_mode="r")

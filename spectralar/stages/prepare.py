@@ -22,7 +22,6 @@ from spectralar.data.writer import ShardWriter
 from spectralar.io import atomic_path, sha256_file, write_json
 from spectralar.log import progress
 
-SECTIONS = ("run", "data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

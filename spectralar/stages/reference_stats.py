@@ -18,12 +18,11 @@ from typing import Literal
 import torch
 
 from spectralar.data.shards import ImageShards
-from spectralar.evaluation.extractors import register_extractors, resolve_inception
+from spectralar.evaluation.extractors import extractor_for
 from spectralar.evaluation.metrics import extract_features, load_adm_reference, reference_statistics, save_reference
 from spectralar.io import atomic_path
 from spectralar.stages.common import stage_device
 
-SECTIONS = ("run", "reference_stats")
 
 
 @dataclass(frozen=True)
@@ -45,16 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/reference", help="output directory (<extractor>.npz)")
 
 
-def extractor_for(name: str, cfg: ReferenceStatsConfig, evalnet: str) -> tuple[str, dict]:
-    register_extractors()
-    if name == "domain":
-        if not Path(evalnet).is_file():
-            raise FileNotFoundError(f"{evalnet} not found: run the train_evalnet stage first")
-        return "domain", {"feature_extractor_weights_path": str(evalnet)}
-    extractor, kwargs, _ = resolve_inception(cfg.inception_weights or None)
-    return extractor, kwargs
-
-
 def run(ctx) -> dict:
     cfg: ReferenceStatsConfig = ctx.params.reference_stats
     shards = ImageShards(ctx.args.data, "val")
@@ -72,7 +61,7 @@ def run(ctx) -> dict:
                                                        "num_samples": 0})
                 metrics["inception"] = {"source": "adm_reference"}
                 continue
-            extractor, kwargs = extractor_for(name, cfg, ctx.args.evalnet)
+            extractor, kwargs = extractor_for(name, cfg.inception_weights, ctx.args.evalnet)
             features = extract_features(images, extractor, kwargs, batch_size=cfg.batch_size, device=device)
             save_reference(tmp / f"{name}.npz", reference_statistics(features["features"]))
             metrics[name] = {"extractor": extractor, "feature_dim": int(features["features"].shape[1])}

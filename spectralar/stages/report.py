@@ -18,16 +18,16 @@ executed and so never logged, and the report logs them from their metrics files.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from spectralar.artifacts import HISTORY, read_history
+from spectralar.evaluation.headline import HEADLINE_METRICS
 from spectralar.io import atomic_path, csv_text, write_text
 from spectralar.stages import STAGES
 
-SECTIONS = ("run", "sweeps")
 
 # Paper Table 4 (ImageNet 256, d16): (spectral supervision, causal mask, non-uniform mapping) -> gFID, IS.
 PAPER_TABLE4: dict[tuple[bool, bool, bool], tuple[float, float]] = {
@@ -157,13 +157,6 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence
 # Figures
 # --------------------------------------------------------------------------------------------
 
-def read_history(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-
-
 def plot_losses(histories: Mapping[str, list[dict[str, float]]], path: Path) -> bool:
     """Loss against step, one panel per training stage; False when there is nothing to plot."""
     import matplotlib
@@ -217,8 +210,7 @@ def render(ctx_params, metrics: Mapping[str, Mapping[str, Any]], tables: Mapping
                   f"Feature extractor `{evaluate.get('feature_extractor')}`, {evaluate.get('num_samples')} samples "
                   f"against {evaluate.get('num_reference')} reference images.", ""]
         paper = evaluate.get("paper", {})
-        keys = ("fid", "inception_score", "kid", "precision", "recall", "class_accuracy", "rfid",
-                "reconstruction_class_accuracy")
+        keys = HEADLINE_METRICS + ("reconstruction_class_accuracy",)
         lines.append(markdown_table([{"metric": k, "ours": evaluate.get(k), "paper (d16)": paper.get(k)}
                                      for k in keys if k in evaluate]))
     lines += ["## Ablation (Table 4)", "", "gFID / IS per row of `sweeps.ablation`; `source` says where the "
@@ -261,8 +253,8 @@ def run(ctx) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     figures: list[str] = []
     with atomic_path(out / "figures", directory=True) as tmp:
-        histories = {"tokenizer": read_history(Path(ctx.args.tokenizer) / "history.csv"),
-                     "generator": read_history(Path(ctx.args.generator) / "history.csv")}
+        histories = {"tokenizer": read_history(Path(ctx.args.tokenizer) / HISTORY),
+                     "generator": read_history(Path(ctx.args.generator) / HISTORY)}
         if plot_losses(histories, tmp / "loss_curves.png"):
             figures.append("loss_curves.png")
         for argument, filename, name in FIGURES:
@@ -284,7 +276,7 @@ def finish_pipeline_record(ctx, metrics: Mapping[str, Mapping[str, Any]], out: P
     """Close this pipeline's MLflow parent run. Stages DVC restored from its run cache never ran and
     never logged: each stage with a metrics file gets a restored child run made from that file,
     unless a run of it with the same params already sits under the parent."""
-    from spectralar.cli import pipeline_tags, stage_record
+    from spectralar.stages.context import pipeline_tags, stage_record
     from spectralar.tracking import finish_pipeline
 
     metrics_dir = Path(ctx.args.metrics_dir)

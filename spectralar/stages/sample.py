@@ -33,17 +33,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spectralar.artifacts import CONFIG, SAMPLES_FILE, TRUNCATED_DIR, load_codec, load_generator, truncated_name
 from spectralar.config import ConfigError
 from spectralar.data.loader import to_float, to_uint8
 from spectralar.data.shards import ImageShards
+from spectralar.evaluation.measures import psnr
 from spectralar.io import atomic_path, sha256_file
-from spectralar.models.codec import SpectralCodec
-from spectralar.models.generator import GeneratorConfig, SpectralGPT
-from spectralar.models.sampling import generate
-from spectralar.stages.common import load_codec, stage_device
-from spectralar.stages.train_generator import load_generator
+from spectralar.models.codec import SpectralCodec, decode_uint8
+from spectralar.models.generator import SpectralGPT
+from spectralar.models.sampling import cyclic_labels, generate
+from spectralar.stages.common import stage_device
+from spectralar.training import synchronize
 
-SECTIONS = ("run", "sample")
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # Generation
 # ------------------------------------------------------------------------------------------------
 
-def cyclic_labels(num_classes: int, num_per_class: int) -> torch.Tensor:
-    """0, 1, ..., C-1, 0, 1, ...: every class equally often and no class-sorted file (REFERENCE §4)."""
-    return torch.arange(num_classes * num_per_class) % num_classes
-
-
 def check_pair(model: SpectralGPT, codec: SpectralCodec, cfg: SampleConfig) -> None:
     n = model.config.num_tokens
     if (n, model.config.vocab_size) != (codec.num_tokens, codec.tokenizer.config.codebook_size):
@@ -109,19 +105,12 @@ def sample_ids(model: SpectralGPT, labels: torch.Tensor, cfg: SampleConfig, gene
         chunks.append(generate(model, labels_B, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                generator=generator, use_kv_cache=True))
-        _synchronize(device)
+        synchronize(device)
         seconds += time.perf_counter() - begin
     return torch.cat(chunks), seconds
 
 
 @torch.no_grad()
-def decode_uint8(codec: SpectralCodec, ids_Bn: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Images uint8 (B, H, W, C) decoded from the ids' prefix (all n given tokens)."""
-    parts = [to_uint8(codec.decode(ids_Bn[start:start + batch_size])).permute(0, 2, 3, 1).cpu().numpy()
-             for start in range(0, len(ids_Bn), batch_size)]
-    return np.concatenate(parts)
-
-
 def complete_spectrum(model: SpectralGPT, codec: SpectralCodec, images_BCHW: torch.Tensor, labels_B: torch.Tensor,
                       cfg: SampleConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """§4.4: keep the first k tokens of each image (its low frequencies), generate the rest.
@@ -177,12 +166,6 @@ def super_resolve(model: SpectralGPT, codec: SpectralCodec, images_BCHW: torch.T
     upsampled = F.interpolate(subs, size=(H, W), mode="bilinear", align_corners=False).clamp(-1, 1)
     refined = complete_spectrum(model, codec, upsampled, labels_B.repeat_interleave(4), cfg, generator)
     return merge_subimages(refined["completion"].view(B, 4, C, H, W), mode)  # (B, C, 2H, 2W)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean PSNR (dB) of images in [-1, 1] on the [0, 1] scale."""
-    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((-10 * torch.log10(mse)).mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,12 +289,12 @@ def run(ctx) -> dict:
                                    torch.Generator(device).manual_seed(ctx.params.run.seed + 1))
     out = Path(ctx.args.out)
     with atomic_path(out, directory=True) as tmp:
-        np.savez(tmp / "samples.npz", arr_0=images, labels=labels_np, ids=ids.cpu().numpy().astype(np.uint16))
+        np.savez(tmp / SAMPLES_FILE, arr_0=images, labels=labels_np, ids=ids.cpu().numpy().astype(np.uint16))
         dropped = sorted({k for k in cfg.truncate if k > 0})
         if dropped:
-            (tmp / "truncated").mkdir()
+            (tmp / TRUNCATED_DIR).mkdir()
         for k in dropped:
-            np.savez(tmp / "truncated" / f"samples_drop{k}.npz", arr_0=decode_uint8(codec, ids[:, :n - k], cfg.batch_size),
+            np.savez(tmp / TRUNCATED_DIR / truncated_name(k), arr_0=decode_uint8(codec, ids[:, :n - k], cfg.batch_size),
                      labels=labels_np)
         write_grids(tmp, images, labels_np, class_names)
         if cfg.progression_samples:
@@ -324,46 +307,14 @@ def run(ctx) -> dict:
                            ctx.params.run.seed + 2, device)
         ctx.write_config(tmp, num_samples=len(ids), class_names=class_names, num_tokens=n)
     ctx.log_outputs(out, ("grid.png", "progression.png", "progression.gif", "completion.png", "superres.png",
-                          "config.json"))
+                          CONFIG))
     return {
         "num_samples": len(ids),
         "images_per_second": round(len(ids) / generate_seconds, 1),  # generation with KV cache
         "decode_images_per_second": round(len(ids) / decode_seconds, 1),
         "truncate": list(cfg.truncate),
         "completion_prefix": cfg.completion_prefix,
-        "completion_psnr_input": round(psnr(completion["input"], completion["original"]), 3),
-        "completion_psnr": round(psnr(completion["completion"], completion["original"]), 3),
-        "completion_psnr_reconstruction": round(psnr(completion["reconstruction"], completion["original"]), 3),
+        "completion_psnr_input": round(float(psnr(completion["input"], completion["original"]).mean()), 3),
+        "completion_psnr": round(float(psnr(completion["completion"], completion["original"]).mean()), 3),
+        "completion_psnr_reconstruction": round(float(psnr(completion["reconstruction"], completion["original"]).mean()), 3),
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# Benchmark (hooked to the CLI by spectralar.bench)
-# ------------------------------------------------------------------------------------------------
-
-def benchmark_sampling(config: GeneratorConfig, device: str | torch.device = "cpu", batch: int = 64,
-                       repeats: int = 2, cfg_scale: float = 1.5) -> dict:
-    """Generation images/s of a randomly initialised generator with and without the KV cache."""
-    device = torch.device(device)
-    torch.manual_seed(0)
-    model = SpectralGPT(config).to(device).eval()
-    labels = cyclic_labels(config.num_classes, -(-batch // config.num_classes))[:batch].to(device)
-    result: dict = {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
-                    "parameters": sum(p.numel() for p in model.parameters())}
-    for cached in (True, False):
-        generator = torch.Generator(device).manual_seed(0)
-        generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)  # warm-up
-        _synchronize(device)
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)
-        _synchronize(device)
-        rate = batch * repeats / (time.perf_counter() - begin)
-        result["images_per_second_" + ("kv_cache" if cached else "no_cache")] = round(rate, 1)
-    result["kv_cache_speedup"] = round(result["images_per_second_kv_cache"] / result["images_per_second_no_cache"], 2)
-    return result
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -18,7 +18,6 @@ from spectralar.evaluation.domain import save_domain_net, train_domain_net
 from spectralar.io import atomic_path
 from spectralar.stages.common import stage_device
 
-SECTIONS = ("run", "train_evalnet")
 
 
 @dataclass(frozen=True)

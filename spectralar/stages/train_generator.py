@@ -29,13 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import logging
+from typing import Callable
+
+from spectralar.artifacts import CONFIG, GENERATOR_FILE, HISTORY, generator_config_for, load_tokens, save_generator, \
+    write_history
 from spectralar.config import ConfigError
 from spectralar.data.loader import global_batch_indices
 from spectralar.io import atomic_path
 from spectralar.models.generator import GeneratorConfig, SpectralGPT
-from spectralar.stages.common import Checkpointer, config_from_dict, load_model_file, save_model_file, stage_device
-from spectralar.stages.dump_tokens import load_tokens
-from spectralar.stages.train_tokenizer import step_generator, write_history
+from spectralar.stages.common import Checkpointer, stage_device
 from spectralar.training import (
     EMA,
     Throughput,
@@ -50,10 +53,9 @@ from spectralar.training import (
     model_flops_per_sample,
     peak_flops,
     set_lr,
+    step_generator,
 )
 
-SECTIONS = ("run", "generator", "train_generator")
-DISTRIBUTED = True  # runs data-parallel under torchrun (SPECTRALAR_NPROC_PER_NODE relaunches it, see cli)
 
 
 @dataclass(frozen=True)
@@ -114,16 +116,6 @@ class TeacherForced(nn.Module):
         return self.model.logits_from_prefix(cond_BC, ids_BN[:, : n - k])  # (B, N, V)
 
 
-def check_compatible(cfg: GeneratorConfig, manifest: dict, source: str = "data/tokens/manifest.json") -> None:
-    """The generator's vocabulary, length and classes must be the tokenizer's and the dataset's."""
-    for key, actual, what in (("vocab_size", manifest["vocab"], "the tokenizer's codebook size"),
-                              ("num_tokens", manifest["num_tokens"], "the tokenizer's token count N"),
-                              ("num_classes", manifest["num_classes"], "the number of dataset classes")):
-        if getattr(cfg, key) != actual:
-            raise ConfigError(f"generator.{key}: {getattr(cfg, key)} but {what} is {actual} ({source}); "
-                              f"set generator.{key}: {actual}")
-
-
 def matmul_parameters(model: SpectralGPT) -> int:
     """Parameters that cost matmul FLOPs: all but the embedding tables (PaLM's MFU accounting)."""
     tables = {"class_embedding.weight", "token_embedding.weight", "position_embedding"}
@@ -140,14 +132,6 @@ def flops_per_image(model: SpectralGPT) -> float:
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNG at ``step`` on ``rank`` (drop path, dropout): resume needs no RNG state."""
     return (seed * 1_000_003 + step) * 1_009 + rank
-
-
-def load_generator(path: str | Path, device: torch.device | str) -> tuple[SpectralGPT, dict]:
-    """(model in eval mode, extras) from a generator.pt written by this stage."""
-    state = load_model_file(path, "generator")
-    model = SpectralGPT(config_from_dict(GeneratorConfig, state["configs"]["generator"]))
-    model.load_state_dict(state["weights"]["generator"])
-    return model.to(device).eval(), dict(state["extra"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,15 +169,27 @@ class History:
 
 
 class Trainer:
-    def __init__(self, ctx) -> None:
-        self.ctx, self.cfg = ctx, ctx.params.train_generator
-        self.model_cfg: GeneratorConfig = ctx.params.generator
-        self.seed = ctx.params.run.seed
-        stage_device(ctx.params.run.device)  # TF32 matmuls on CUDA
-        self.dist = init_distributed(device_preference=ctx.params.run.device)
-        self.device = self.dist.device
-        self.manifest, self.ids, self.labels = load_tokens(ctx.args.tokens, "train")
-        check_compatible(self.model_cfg, self.manifest, str(Path(ctx.args.tokens) / "manifest.json"))
+    """VAR's recipe over explicit values (no params file, no stage context); data-parallel when
+    ``dist`` spans several processes.
+
+    Args:
+        model_cfg: the complete generator config (N, vocabulary and classes filled in).
+        cfg: optimiser and schedule settings.
+        ids, labels: the training token table (images, N) and its labels.
+        dist: the process group context (``spectralar.training.init_distributed``).
+        seed: data order, label dropout, drop path.
+        checkpointer: resumable checkpoints (None: none).
+        log, log_metrics: a logger, and a sink for ``{name: value}, step=`` training curves.
+    """
+
+    def __init__(self, model_cfg: GeneratorConfig, cfg: "TrainGeneratorConfig", ids: np.ndarray, labels: np.ndarray,
+                 dist, *, seed: int, checkpointer: Optional[Checkpointer] = None,
+                 log: logging.Logger = logging.getLogger(__name__),
+                 log_metrics: Callable[..., None] = lambda metrics, step=None: None) -> None:
+        self.cfg, self.model_cfg, self.seed = cfg, model_cfg, seed
+        self.log, self.log_metrics = log, log_metrics
+        self.dist, self.device = dist, dist.device
+        self.ids, self.labels = ids, labels
         if self.cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"train_generator.batch_size: {self.cfg.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes")
@@ -203,9 +199,7 @@ class Trainer:
         if self.dist.is_distributed:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
-        params_digest = ctx.params.digest(SECTIONS)
-        digest = hashlib.sha256(f"{params_digest}:{self.manifest['tokenizer_sha256']}".encode()).hexdigest()[:16]
-        self.checkpointer = Checkpointer(ctx.args.checkpoints, digest)
+        self.checkpointer = checkpointer
         self.history = History(self.device)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +218,7 @@ class Trainer:
         optimizer = build_adamw(self.model, lr=cfg.peak_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         objects = {"model": self.model, "optimizer": optimizer, "ema": EMA(self.model, cfg.ema_decay, warmup=True),
                    "history": self.history}
-        start = self.checkpointer.resume(objects)
+        start = self.checkpointer.resume(objects) if self.checkpointer is not None else 0
         self.model.train()
         meter, begin = Throughput(), time.perf_counter()
         for step in range(start, cfg.steps):
@@ -234,7 +228,8 @@ class Trainer:
             meter.update(self.cfg.batch_size)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 self._log(step + 1, self.history.take_means(), terms, meter.rate)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and self.dist.is_main:
+            if (self.checkpointer is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
+                    and self.dist.is_main):
                 self.checkpointer.save(step + 1, objects)
         objects["ema"].copy_to(self.model)
         seconds = time.perf_counter() - begin
@@ -268,9 +263,9 @@ class Trainer:
                "tokens_per_s": round(images_per_second * self.model_cfg.num_tokens, 1)}
         self.history.rows.append(row)
         if self.dist.is_main:
-            self.ctx.log.info("step %d/%d loss %.4f acc %.4f lr %.3g grad %.3g %.0f tok/s", step, self.cfg.steps,
-                              loss, accuracy, row["lr"], row["grad_norm"], row["tokens_per_s"])
-            self.ctx.tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            self.log.info("step %d/%d loss %.4f acc %.4f lr %.3g grad %.3g %.0f tok/s", step, self.cfg.steps,
+                          loss, accuracy, row["lr"], row["grad_norm"], row["tokens_per_s"])
+            self.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
 
 
 @torch.no_grad()
@@ -291,27 +286,36 @@ def evaluate(model: SpectralGPT, ids: np.ndarray, labels: np.ndarray, count: int
     return {"val_loss": round(loss_sum / tokens, 5), "val_accuracy": round(correct / tokens, 5), "val_images": count}
 
 
-def _write_outputs(ctx, trainer: Trainer, metrics: dict) -> None:
+def _write_outputs(ctx, trainer: Trainer, manifest: dict, metrics: dict) -> None:
     out = Path(ctx.args.out)
-    manifest = trainer.manifest
     extra = {"class_names": list(manifest["class_names"]), "omegas": list(manifest["omegas"]),
              "tokenizer_sha256": manifest["tokenizer_sha256"], "steps": trainer.cfg.steps}
+    model_cfg = trainer.model_cfg
     with atomic_path(out, directory=True) as tmp:
-        save_model_file(tmp / "generator.pt", "generator", {"generator": trainer.model_cfg},
-                        {"generator": trainer.model.state_dict()}, extra)
-        write_history(tmp / "history.csv", trainer.history.rows)
+        save_generator(tmp / GENERATOR_FILE, trainer.model, extra)
+        write_history(tmp / HISTORY, trainer.history.rows)
         ctx.write_config(tmp, peak_lr=trainer.cfg.peak_lr, world_size=trainer.dist.world_size,
-                         width=trainer.model_cfg.resolved_width, heads=trainer.model_cfg.resolved_heads,
-                         drop_path_rate=trainer.model_cfg.resolved_drop_path_rate,
+                         num_tokens=model_cfg.num_tokens, vocab_size=model_cfg.vocab_size,
+                         num_classes=model_cfg.num_classes, width=model_cfg.resolved_width,
+                         heads=model_cfg.resolved_heads, drop_path_rate=model_cfg.resolved_drop_path_rate,
                          parameters=metrics["parameters"])
-    for name in ("history.csv", "config.json"):
+    for name in (HISTORY, CONFIG):
         ctx.tracker.log_artifact(out / name)
     if ctx.params.tracking.log_checkpoints:
-        ctx.tracker.log_artifact(out / "generator.pt")
+        ctx.tracker.log_artifact(out / GENERATOR_FILE)
 
 
 def run(ctx) -> dict:
-    trainer = Trainer(ctx)
+    stage_device(ctx.params.run.device)  # TF32 matmuls on CUDA
+    dist = init_distributed(device_preference=ctx.params.run.device)
+    manifest, ids, labels = load_tokens(ctx.args.tokens, "train")
+    # N, vocabulary and classes: the token dump's (the tokenizer's and the dataset's)
+    model_cfg = generator_config_for(ctx.params.generator, manifest, f"{Path(ctx.args.tokens) / 'manifest.json'}")
+    params_digest = ctx.params.digest(ctx.sections)
+    digest = hashlib.sha256(f"{params_digest}:{manifest['tokenizer_sha256']}".encode()).hexdigest()[:16]
+    trainer = Trainer(model_cfg, ctx.params.train_generator, ids, labels, dist, seed=ctx.params.run.seed,
+                      checkpointer=Checkpointer(ctx.args.checkpoints, digest), log=ctx.log,
+                      log_metrics=ctx.tracker.log_metrics)
     try:
         fit = trainer.fit()
         metrics = {**fit, "parameters": sum(p.numel() for p in trainer.model.parameters()),
@@ -326,7 +330,7 @@ def run(ctx) -> dict:
             metrics |= evaluate(trainer.model, val_ids, val_labels, trainer.cfg.val_images, trainer.device,
                                 trainer.cfg.bf16)
         if trainer.dist.is_main:
-            _write_outputs(ctx, trainer, metrics)
+            _write_outputs(ctx, trainer, manifest, metrics)
             trainer.checkpointer.clear()  # only now that every output is written
             ctx.log.info("generator: train loss %s acc %s, val loss %s acc %s, %.0f tokens/s",
                          metrics["train_loss"], metrics["train_accuracy"], metrics.get("val_loss"),
@@ -334,52 +338,3 @@ def run(ctx) -> dict:
         return metrics
     finally:
         cleanup()
-
-
-# ------------------------------------------------------------------------------------------------
-# Benchmark (hooked to the CLI by spectralar.bench)
-# ------------------------------------------------------------------------------------------------
-
-def benchmark(config: GeneratorConfig, device: str | torch.device = "cpu", batch: int = 64, steps: int = 10,
-              warmup: int = 2, bf16: bool = True, peak: Optional[float] = None) -> dict:
-    """Training throughput of the generator on random tokens: forward, backward and AdamW per step.
-
-    Returns tokens/s, images/s, parameters, FLOPs per image and MFU (None on CPU unless ``peak``,
-    the device's peak FLOP/s, is given).
-    """
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    model = SpectralGPT(config).to(device).train()
-    net = TeacherForced(model)
-    optimizer = build_adamw(model, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    ids_BN = torch.randint(0, config.vocab_size, (batch, config.num_tokens), generator=generator).to(device)
-    labels_B = torch.randint(0, config.num_classes + 1, (batch,), generator=generator).to(device)
-
-    def one_step() -> None:
-        with autocast(device, bf16):
-            logits_BNV = net(ids_BN, labels_B)
-        loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), ids_BN.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        one_step()
-    _synchronize(device)
-    begin = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    _synchronize(device)
-    images_per_second = batch * steps / (time.perf_counter() - begin)
-    flops = flops_per_image(model)
-    utilisation = mfu(flops, images_per_second, peak_flops(device, peak))
-    return {"device": str(device), "batch": batch, "steps": steps,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "images_per_second": round(images_per_second, 1),
-            "tokens_per_second": round(images_per_second * config.num_tokens, 1),
-            "flops_per_image": flops, "mfu": None if utilisation is None else round(utilisation, 4)}
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

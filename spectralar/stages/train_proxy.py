@@ -8,20 +8,23 @@ default) a small conv VQ model is trained on the prepared images with reconstruc
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from spectralar.artifacts import PROXY_FILE, proxy_config_for, save_proxy
 from spectralar.data.loader import step_loader, to_float
 from spectralar.data.shards import ImageShards
-from spectralar.models.proxy_vq import ProxyConfig, ProxyVQModel, codebook_usage, load_maskgit_checkpoint
-from spectralar.stages.common import Checkpointer, save_model_file, stage_device
+from spectralar.evaluation.measures import codebook_statistics, per_image_mse, psnr_from_mse
+from spectralar.models.proxy_vq import ProxyVQModel, load_maskgit_checkpoint
+from spectralar.stages.common import Checkpointer, stage_device
 from spectralar.training import EMA, DeadCodeRestarts, Throughput, build_adamw, check_finite, lr_at, set_lr
 
-SECTIONS = ("run", "proxy", "train_proxy")
 
 
 @dataclass(frozen=True)
@@ -59,46 +62,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(ctx) -> dict:
     cfg: TrainProxyConfig = ctx.params.train_proxy
-    model_cfg: ProxyConfig = ctx.params.proxy
     device = stage_device(ctx.params.run.device)
     out = Path(ctx.args.out)
-    model = ProxyVQModel(model_cfg)
     val = ImageShards(ctx.args.data, "val")
-    _check_data(val, model_cfg)
+    model_cfg = proxy_config_for(ctx.params.proxy, val.image_shape)  # image size and channels: the data's
+    model = ProxyVQModel(model_cfg)
     if cfg.checkpoint:
         load_maskgit_checkpoint(model, cfg.checkpoint)
         ctx.log.info("loaded official proxy weights from %s", cfg.checkpoint)
         model.to(device)
         trained = {"trained_steps": 0, "source": "checkpoint"}
     else:
-        trained = train(ctx, model, cfg, device)
+        checkpointer = Checkpointer(ctx.args.checkpoints, ctx.params.digest(ctx.sections + ("data",)))
+        trained = train(model, cfg, ImageShards(ctx.args.data, "train"), device, seed=ctx.params.run.seed,
+                        checkpointer=checkpointer, log=ctx.log, log_metrics=ctx.tracker.log_metrics)
     metrics = {**trained, **evaluate(model, val, cfg.eval_images, device)}
-    save_model_file(out / "proxy.pt", "proxy", {"proxy": model_cfg}, {"proxy": model.state_dict()})
-    ctx.write_config(out, grid_size=model_cfg.grid_size, downsample_factor=model_cfg.downsample_factor)
-    ctx.log_outputs(out, ("config.json",), checkpoints=("proxy.pt",))
+    save_proxy(out / PROXY_FILE, model)
+    ctx.write_config(out, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
+                     grid_size=model_cfg.grid_size, downsample_factor=model_cfg.downsample_factor)
+    ctx.log_outputs(out, ("config.json",), checkpoints=(PROXY_FILE,))
     Checkpointer(ctx.args.checkpoints, "").clear()  # only now that every output is written
     ctx.log.info("proxy: PSNR %.2f dB, codebook usage %.1f%%", metrics["psnr"], 100 * metrics["codebook_usage"])
     return metrics
 
 
-def _check_data(shards: ImageShards, cfg: ProxyConfig) -> None:
-    height, width, channels = shards.image_shape
-    if (height, channels) != (cfg.image_size, cfg.in_channels):
-        raise ValueError(f"proxy.image_size/in_channels = {cfg.image_size}/{cfg.in_channels} but the prepared "
-                         f"images are {height}x{width}x{channels} (data.resolution / data.source)")
+def train(model: ProxyVQModel, cfg: TrainProxyConfig, train_shards: ImageShards, device: torch.device, *,
+          seed: int, checkpointer: Optional[Checkpointer] = None, log: logging.Logger = logging.getLogger(__name__),
+          log_metrics: Callable[..., None] = lambda metrics, step=None: None) -> dict:
+    """Train ``model`` in place (reconstruction + VQ loss; EMA weights at the end).
 
-
-def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device) -> dict:
-    train_shards = ImageShards(ctx.args.data, "train")
+    Args:
+        model: the proxy, any device (moved to ``device``).
+        cfg: optimiser and schedule settings.
+        train_shards: the prepared training split.
+        seed: data order and dead-code restarts.
+        checkpointer: resumable checkpoints (None: no checkpoints, start from scratch).
+        log, log_metrics: a logger, and a sink for ``{name: value}, step=`` training curves.
+    Returns: steps trained, restarted codes and wall time.
+    """
     model.to(device).train()
     optimizer = build_adamw(model, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay, warmup=True)
-    restarts = DeadCodeRestarts(model.config.codebook_size, cfg.dead_code_restart_every,
-                                seed=ctx.params.run.seed, device=device)
+    restarts = DeadCodeRestarts(model.config.codebook_size, cfg.dead_code_restart_every, seed=seed, device=device)
     objects = {"model": model, "optimizer": optimizer, "ema": ema, "restarts": restarts}
-    checkpointer = Checkpointer(ctx.args.checkpoints, ctx.params.digest(SECTIONS + ("data",)))
-    start = checkpointer.resume(objects)
-    loader = step_loader(train_shards, batch_size=cfg.batch_size, seed=ctx.params.run.seed, start_step=start,
+    start = checkpointer.resume(objects) if checkpointer is not None else 0
+    loader = step_loader(train_shards, batch_size=cfg.batch_size, seed=seed, start_step=start,
                          total_steps=cfg.steps, in_memory=train_shards.format == "raw")
     meter = Throughput()
     begin = time.perf_counter()
@@ -124,10 +132,10 @@ def train(ctx, model: ProxyVQModel, cfg: TrainProxyConfig, device: torch.device)
                              latents_BDhw.permute(0, 2, 3, 1).reshape(-1, model.config.code_dim),
                              optimizer=optimizer, ema_shadow=ema.shadow["quantize.embedding.weight"])
         if (step + 1) % cfg.log_every == 0:
-            ctx.log.info("step %d/%d recon %.4f vq %.4f lr %.2e %.0f img/s", step + 1, cfg.steps,
-                         recon_loss.item(), vq_loss.item(), optimizer.param_groups[0]["lr"], meter.rate)
-            ctx.tracker.log_metrics({"train/recon": recon_loss.item(), "train/vq": vq_loss.item()}, step=step + 1)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            log.info("step %d/%d recon %.4f vq %.4f lr %.2e %.0f img/s", step + 1, cfg.steps,
+                     recon_loss.item(), vq_loss.item(), optimizer.param_groups[0]["lr"], meter.rate)
+            log_metrics({"train/recon": recon_loss.item(), "train/vq": vq_loss.item()}, step=step + 1)
+        if checkpointer is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpointer.save(step + 1, objects)
     ema.copy_to(model)
     return {"trained_steps": cfg.steps, "source": "trained", "restarted_codes": restarts.restarted,
@@ -144,10 +152,9 @@ def evaluate(model: ProxyVQModel, shards: ImageShards, count: int, device: torch
         x = to_float(images.to(device))
         ids = model.encode_ids(x)
         reconstruction = model.codes_to_images(ids).clamp(-1, 1)
-        errors.append(((reconstruction - x) / 2).pow(2).flatten(1).mean(1))  # MSE on the [0, 1] scale
+        errors.append(per_image_mse(reconstruction, x))  # (B,) on the [0, 1] scale
         ids_all.append(ids.flatten())
-    mse = torch.cat(errors)
-    psnr = (-10 * torch.log10(mse.clamp_min(1e-10))).mean().item()
-    usage = codebook_usage(torch.cat(ids_all), model.config.codebook_size)
-    return {"psnr": round(psnr, 3), "codebook_usage": round(usage["fraction_used"], 4),
-            "codebook_perplexity": round(usage["perplexity"], 2), "eval_images": count}
+    psnr = psnr_from_mse(torch.cat(errors)).mean().item()  # mean of per-image PSNRs
+    codebook = codebook_statistics(torch.cat(ids_all), model.config.codebook_size, exp_on_host=False)
+    return {"psnr": round(psnr, 3), "codebook_usage": round(codebook["codebook_usage"], 4),
+            "codebook_perplexity": round(codebook["codebook_perplexity"], 2), "eval_images": count}

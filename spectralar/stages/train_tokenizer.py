@@ -13,12 +13,12 @@ uses all N tokens and the full image, plain TiTok), ``causal_mask``, ``nonunifor
 from __future__ import annotations
 
 import argparse
-import csv
 import io
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -27,18 +27,19 @@ from torch import nn
 
 from spectralar.data.loader import step_loader, to_float
 from spectralar.data.shards import ImageShards
-from spectralar.io import atomic_path, write_text
+from spectralar.io import atomic_path
 from spectralar.models.codec import SpectralCodec
 from spectralar.models.losses import PatchDiscriminator, hinge_d_loss, lecam_regularizer, build_perceptual
-from spectralar.models.quantizer import codebook_stats
+from spectralar.evaluation.reconstruction import prefix_psnr
 from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
 from spectralar.spectral import band_limit
-from spectralar.stages.common import Checkpointer, save_model_file, stage_device, token_omegas
-from spectralar.stages.extract_proxy_codes import load_codes, load_proxy
+from spectralar.artifacts import CONFIG, HISTORY, TOKENIZER_FILE, load_proxy, load_proxy_codes, proxy_code_levels, save_tokenizer, \
+    tokenizer_config_for, write_history
+from spectralar.config import ConfigError
+from spectralar.stages.common import Checkpointer, stage_device
 from spectralar.training import (EMA, DeadCodeRestarts, Throughput, autocast, build_adamw, check_finite, lr_at,
-                                 set_lr)
+                                 set_lr, step_generator)
 
-SECTIONS = ("run", "tokenizer", "train_tokenizer")
 
 
 @dataclass(frozen=True)
@@ -107,18 +108,13 @@ def sample_levels(batch: int, tokenizer_cfg: TokenizerConfig, generator: torch.G
     return torch.randint(0, tokenizer_cfg.num_tokens, (batch,), generator=generator)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """Per-step randomness as a function of (seed, step), so a resumed run draws the same levels."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 class ProxyTargets:
     """Stage-1 targets: proxy codes of I'_i, from the precomputed table or computed online."""
 
     def __init__(self, codes_dir: str | Path, proxy, omegas: tuple[int, ...], tokenizer_cfg: TokenizerConfig):
-        self.manifest, self.table = load_codes(codes_dir)
+        self.manifest, self.table = load_proxy_codes(codes_dir)
         self.proxy, self.omegas, self.cfg = proxy, omegas, tokenizer_cfg
-        expected = list(omegas) if tokenizer_cfg.spectral_supervision else [omegas[-1]]
+        expected = list(proxy_code_levels(tokenizer_cfg))
         if self.manifest["omegas"] != expected:
             raise ValueError(f"proxy codes were extracted for omegas {self.manifest['omegas']}, the tokenizer "
                              f"needs {expected}: rerun extract_proxy_codes")
@@ -147,38 +143,44 @@ def pixel_targets(x: torch.Tensor, levels: torch.Tensor, omegas: tuple[int, ...]
 # ------------------------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, ctx) -> None:
-        self.ctx, self.cfg = ctx, ctx.params.train_tokenizer
-        self.tok_cfg: TokenizerConfig = ctx.params.tokenizer
-        self.seed = ctx.params.run.seed
-        self.device = stage_device(ctx.params.run.device)
-        self.omegas = token_omegas(self.tok_cfg)
-        self.train = ImageShards(ctx.args.data, "train")
-        self.val = ImageShards(ctx.args.data, "val")
-        self.proxy = load_proxy(ctx.args.proxy, self.device)
-        self._check_shapes()
+    """Algorithm 1 with TiTok's two stages, over explicit values (no params file, no stage context).
+
+    Args:
+        tok_cfg: the complete tokenizer config (image size, channels and proxy codebook filled in).
+        cfg: optimiser, schedule and loss settings.
+        train: the prepared training split.
+        proxy: the trained proxy (its decoder is fine-tuned in stage 2).
+        codes_dir: extract_proxy_codes' output (the stage-1 targets, or online mode).
+        device, seed: where, and the seed of data order, levels and restarts.
+        checkpointer: resumable checkpoints (None: none).
+        log, log_metrics: a logger, and a sink for ``{name: value}, step=`` training curves.
+    ``fit()`` trains; ``history`` holds the logged rows.
+    """
+
+    def __init__(self, tok_cfg: TokenizerConfig, cfg: TrainTokenizerConfig, train: ImageShards, proxy,
+                 codes_dir: str | Path, device: torch.device, *, seed: int,
+                 checkpointer: Optional[Checkpointer] = None, log: logging.Logger = logging.getLogger(__name__),
+                 log_metrics: Callable[..., None] = lambda metrics, step=None: None) -> None:
+        self.cfg, self.tok_cfg, self.seed, self.device = cfg, tok_cfg, seed, device
+        self.log, self.log_metrics = log, log_metrics
+        self.omegas = tok_cfg.omegas
+        self.train = train
+        self.proxy = proxy
+        if tok_cfg.grid_size != proxy.config.grid_size:
+            raise ConfigError(f"tokenizer.patch_size: {tok_cfg.patch_size} gives a {tok_cfg.grid_size}x{tok_cfg.grid_size} "
+                              f"patch grid but the proxy's code grid is {proxy.config.grid_size}x{proxy.config.grid_size} "
+                              f"(patch_size must equal the proxy's downsample factor)")
         self.tokenizer = NestedSpectralTokenizer(self.tok_cfg).to(self.device)
         self.model = nn.ModuleDict({"tokenizer": self.tokenizer, "proxy": self.proxy})
-        self.targets = ProxyTargets(ctx.args.codes, self.proxy, self.omegas, self.tok_cfg)
+        self.targets = ProxyTargets(codes_dir, self.proxy, self.omegas, self.tok_cfg)
         if self.cfg.augment_hflip and not self.targets.online:
             raise ValueError("train_tokenizer.augment_hflip needs extract_proxy_codes.mode: online "
                              "(precomputed codes are of unflipped images)")
         self.total = self.cfg.stage1_steps + self.cfg.stage2_steps
-        digest = ctx.params.digest(SECTIONS + ("data", "proxy", "train_proxy", "extract_proxy_codes"))
-        self.checkpointer = Checkpointer(ctx.args.checkpoints, digest)
+        self.checkpointer = checkpointer
         self.restarts = DeadCodeRestarts(self.tok_cfg.codebook_size, self.cfg.dead_code_restart_every,
                                          seed=self.seed, device=self.device)
         self.history: list[dict] = []
-
-    def _check_shapes(self) -> None:
-        height, _, channels = self.train.image_shape
-        tok, proxy = self.tok_cfg, self.proxy.config
-        if (tok.image_size, tok.in_channels) != (height, channels):
-            raise ValueError(f"tokenizer.image_size/in_channels = {tok.image_size}/{tok.in_channels} but the "
-                             f"prepared images are {height} px with {channels} channels")
-        if tok.grid_size != proxy.grid_size or tok.proxy_codebook_size != proxy.codebook_size:
-            raise ValueError(f"tokenizer grid {tok.grid_size} / proxy_codebook_size {tok.proxy_codebook_size} must "
-                             f"equal the proxy's grid {proxy.grid_size} / codebook {proxy.codebook_size}")
 
     # -- phase set-up -------------------------------------------------------------------------
     def _phase_objects(self, phase: int) -> dict:
@@ -210,15 +212,15 @@ class Trainer:
                 self.perceptual.to(self.device)
         objects["ema"] = EMA(self.model, cfg.ema_decay, warmup=True)
         if self.restarts.enabled:
-            objects["restarts"] = self.restarts  # usage counts since the last restart, checkpointed
+            objects["restarts"] = self.restarts  # code counts since the last restart, checkpointed
         return objects
 
     def fit(self) -> dict:
-        start = self.checkpointer.peek_step()
+        start = self.checkpointer.peek_step() if self.checkpointer is not None else 0
         # a checkpoint at step s holds the objects of step s-1's phase
         phase = 1 if start <= self.cfg.stage1_steps else 2
         objects = self._phase_objects(phase)
-        start = self.checkpointer.resume(objects)
+        start = self.checkpointer.resume(objects) if self.checkpointer is not None else 0
         meter, begin = Throughput(), time.perf_counter()
         loader = step_loader(self.train, batch_size=self.cfg.batch_size, seed=self.seed, start_step=start,
                              total_steps=self.total, in_memory=self.train.format == "raw")
@@ -241,7 +243,7 @@ class Trainer:
             meter.update(len(x))
             if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total:
                 self._log(step + 1, phase, terms, objects["optimizer"], meter.rate)
-            if (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total:
+            if self.checkpointer is not None and (step + 1) % self.cfg.checkpoint_every == 0 and step + 1 < self.total:
                 self.checkpointer.save(step + 1, objects)
         objects["ema"].copy_to(self.model)
         return {"train_seconds": round(time.perf_counter() - begin, 1), "steps": self.total,
@@ -258,7 +260,7 @@ class Trainer:
         count = self.restarts.restart(step, quantizer.embedding.weight, latents_BND.reshape(-1, quantizer.code_dim),
                                       optimizer=objects["optimizer"], ema_shadow=shadow,
                                       normalized=quantizer.normalize)
-        self.ctx.log.info("step %d: restarted %d dead codes", step + 1, count)
+        self.log.info("step %d: restarted %d dead codes", step + 1, count)
 
     def _optimize(self, loss: torch.Tensor, terms: dict, objects: dict, step: int, lr: float) -> dict:
         check_finite(loss, step, terms)
@@ -323,51 +325,13 @@ class Trainer:
         row = {"step": step, "phase": phase, **{k: round(v, 6) for k, v in terms.items()}, "images_per_s": round(rate, 1)}
         self.history.append(row)
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-        self.ctx.log.info("%s", text)
-        self.ctx.tracker.log_metrics({f"train/{k}": v for k, v in terms.items()}, step=step)
+        self.log.info("%s", text)
+        self.log_metrics({f"train/{k}": v for k, v in terms.items()}, step=step)
 
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation and outputs
 # ------------------------------------------------------------------------------------------------
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1], on the [0, 1] scale."""
-    mse = ((a - b) / 2).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-@torch.no_grad()
-def evaluate(codec: SpectralCodec, shards: ImageShards, count: int, device: torch.device) -> dict:
-    """PSNR of every prefix length against its own target I'_i, and against the full image."""
-    codec.eval()
-    index = shards.spread(count)  # evenly over the split (ImageFolder splits are class-sorted)
-    count = len(index)
-    n = codec.num_tokens
-    prefix_psnr, full_psnr, all_ids = torch.zeros(n), torch.zeros(n), []
-    for start in range(0, count, 100):
-        images = torch.from_numpy(shards.images(index[start:start + 100])).permute(0, 3, 1, 2)
-        x = to_float(images.to(device))
-        ids = codec.encode(x)
-        all_ids.append(ids.cpu())
-        for i in range(1, n + 1):
-            reconstruction = codec.decode(ids[:, :i])
-            prefix_psnr[i - 1] += psnr(reconstruction, band_limit(x, codec.omegas[i - 1])).sum().cpu()
-            full_psnr[i - 1] += psnr(reconstruction, x).sum().cpu()
-    ids = torch.cat(all_ids)
-    stats = codebook_stats(ids, codec.tokenizer.config.codebook_size)
-    counts = torch.bincount(ids.flatten(), minlength=codec.tokenizer.config.codebook_size).double()
-    probs = counts[counts > 0] / counts.sum()
-    return {
-        "psnr_prefix": [round(v, 3) for v in (prefix_psnr / count).tolist()],
-        "psnr_prefix_vs_full_image": [round(v, 3) for v in (full_psnr / count).tolist()],
-        "psnr_full": round(float(full_psnr[-1] / count), 3),
-        "codebook_usage": round(float(stats["usage"]), 4),
-        "codebook_perplexity": round(float(stats["perplexity"]), 2),
-        "codebook_entropy_bits": round(float(-(probs * probs.log2()).sum()), 3),
-        "eval_images": count,
-    }
-
 
 @torch.no_grad()
 def prefix_figure(codec: SpectralCodec, shards: ImageShards, path: Path, device: torch.device, images: int = 2) -> None:
@@ -400,35 +364,32 @@ def prefix_figure(codec: SpectralCodec, shards: ImageShards, path: Path, device:
         tmp.write_bytes(buffer.getvalue())
 
 
-def write_history(path: Path, rows: list[dict]) -> None:
-    keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("step", "phase"), k))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
 def run(ctx) -> dict:
-    trainer = Trainer(ctx)
+    cfg: TrainTokenizerConfig = ctx.params.train_tokenizer
+    device = stage_device(ctx.params.run.device)
+    train, val = ImageShards(ctx.args.data, "train"), ImageShards(ctx.args.data, "val")
+    proxy = load_proxy(ctx.args.proxy, device)
+    # image size and channels: the prepared data's; the proxy codebook: the proxy file's
+    tok_cfg = tokenizer_config_for(ctx.params.tokenizer, train.image_shape, proxy.config.codebook_size)
+    digest = ctx.params.digest(ctx.sections + ("data", "proxy", "train_proxy", "extract_proxy_codes"))
+    checkpointer = Checkpointer(ctx.args.checkpoints, digest)
+    trainer = Trainer(tok_cfg, cfg, train, proxy, ctx.args.codes, device, seed=ctx.params.run.seed,
+                      checkpointer=checkpointer, log=ctx.log, log_metrics=ctx.tracker.log_metrics)
     fit = trainer.fit()
     out = Path(ctx.args.out)
-    codec = SpectralCodec(trainer.tokenizer, trainer.proxy, trainer.omegas,
-                          soft=trainer.cfg.stage2_steps > 0)
-    metrics = {**fit, **evaluate(codec, trainer.val, trainer.cfg.eval_images, trainer.device),
+    codec = SpectralCodec(trainer.tokenizer, proxy, trainer.omegas, soft=cfg.stage2_steps > 0)
+    metrics = {**fit, **prefix_psnr(codec, val, cfg.eval_images, device),
                "omegas": list(trainer.omegas), "decode": "soft" if codec.soft else "argmax"}
-    save_model_file(out / "tokenizer.pt", "tokenizer",
-                    {"tokenizer": trainer.tok_cfg, "proxy": trainer.proxy.config},
-                    {"tokenizer": trainer.tokenizer.state_dict(), "proxy": trainer.proxy.state_dict()},
-                    {"omegas": list(trainer.omegas), "soft": codec.soft})
-    prefix_figure(codec, trainer.val, out / "prefixes.png", trainer.device)
-    write_history(out / "history.csv", trainer.history)
-    ctx.write_config(out, omegas=list(trainer.omegas), grid_size=trainer.tok_cfg.grid_size)
-    for name in ("prefixes.png", "history.csv", "config.json"):
+    save_tokenizer(out / TOKENIZER_FILE, trainer.tokenizer, proxy, trainer.omegas, codec.soft)
+    prefix_figure(codec, val, out / "prefixes.png", device)
+    write_history(out / HISTORY, trainer.history)
+    ctx.write_config(out, omegas=list(trainer.omegas), grid_size=tok_cfg.grid_size, image_size=tok_cfg.image_size,
+                     in_channels=tok_cfg.in_channels, proxy_codebook_size=tok_cfg.proxy_codebook_size)
+    for name in ("prefixes.png", HISTORY, CONFIG):
         ctx.tracker.log_artifact(out / name)
     if ctx.params.tracking.log_checkpoints:
-        ctx.tracker.log_artifact(out / "tokenizer.pt")
-    trainer.checkpointer.clear()  # only now that every output is written
+        ctx.tracker.log_artifact(out / TOKENIZER_FILE)
+    checkpointer.clear()  # only now that every output is written
     ctx.log.info("tokenizer: PSNR full %.2f dB, prefix-1 %.2f dB, usage %.1f%%", metrics["psnr_full"],
                  metrics["psnr_prefix"][0], 100 * metrics["codebook_usage"])
     return metrics

@@ -15,6 +15,7 @@ from spectralar.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
     seed_everything,
+    step_generator,
 )
 from spectralar.training.codebook import DeadCodeRestarts
 from spectralar.training.distributed import (
@@ -25,6 +26,7 @@ from spectralar.training.distributed import (
     cleanup,
     init_distributed,
     resolve_device,
+    synchronize,
     unwrap_model,
 )
 from spectralar.training.ema import EMA
@@ -68,6 +70,8 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "set_lr",
+    "step_generator",
+    "synchronize",
     "transformer_flops_per_token",
     "unwrap_model",
 ]

@@ -165,6 +165,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Per-step randomness as a function of (seed, step), so a resumed run draws the same values."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and (if present) all CUDA generator states.
 

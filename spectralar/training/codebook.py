@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 
 class DeadCodeRestarts:
-    """Usage counts since the last restart, and the restart itself.
+    """How often each code was chosen since the last restart, and the restart itself.
 
     A checkpoint object (``state_dict`` / ``load_state_dict``): a resumed run restarts exactly the
     codes an uninterrupted one would, whatever ``every`` is relative to the checkpoint interval.
@@ -27,7 +27,7 @@ class DeadCodeRestarts:
         every: restart codes unused for this many steps; 0 = never.
         seed: the run seed; restart ``step`` draws its latents from a generator seeded
             ``seed + step``, so restarts do not depend on (or disturb) any other RNG.
-        device: where the usage counts live (that of the ids passed to :meth:`observe`).
+        device: where the code counts live (that of the ids passed to :meth:`observe`).
     """
 
     def __init__(self, codebook_size: int, every: int, seed: int,
@@ -38,7 +38,8 @@ class DeadCodeRestarts:
             raise ValueError(f"every must be >= 0 (0 = off), got {every}")
         self.every = every
         self.seed = seed
-        self.usage = torch.zeros(codebook_size, dtype=torch.long, device=device)  # (K,)
+        # Times each code was chosen since the last restart (not the codebook_usage metric, a fraction).
+        self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)  # (K,)
         self.restarted = 0
 
     @property
@@ -48,7 +49,7 @@ class DeadCodeRestarts:
     def observe(self, ids: torch.Tensor) -> None:
         """Count the code ids (any shape) chosen at this step."""
         if self.enabled:
-            self.usage += torch.bincount(ids.reshape(-1), minlength=len(self.usage))
+            self.counts += torch.bincount(ids.reshape(-1), minlength=len(self.counts))
 
     def due(self, step: int) -> bool:
         """True after the last step of every ``every``-step window (``step`` is 0-based)."""
@@ -82,11 +83,11 @@ class DeadCodeRestarts:
                 norm, unit-norm rows would barely move).
 
         Returns:
-            The number of codes restarted. Usage counts start again from zero.
+            The number of codes restarted. The counts start again from zero.
         """
-        dead_K = self.usage == 0  # (K,)
+        dead_K = self.counts == 0  # (K,)
         count = int(dead_K.sum())
-        self.usage.zero_()
+        self.counts.zero_()
         if count == 0:
             return 0
         dead_K = dead_K.to(weight.device)
@@ -107,11 +108,11 @@ class DeadCodeRestarts:
         return count
 
     def state_dict(self) -> dict[str, Any]:
-        return {"usage": self.usage.clone(), "restarted": self.restarted}
+        return {"counts": self.counts.clone(), "restarted": self.restarted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["usage"].shape != self.usage.shape:
-            raise ValueError(f"usage counts have shape {tuple(state['usage'].shape)}, "
-                             f"expected {tuple(self.usage.shape)}")
-        self.usage.copy_(state["usage"])
+        if state["counts"].shape != self.counts.shape:
+            raise ValueError(f"code counts have shape {tuple(state['counts'].shape)}, "
+                             f"expected {tuple(self.counts.shape)}")
+        self.counts.copy_(state["counts"])
         self.restarted = int(state["restarted"])

@@ -165,3 +165,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,8 +1,8 @@
 # Sweeps (README "Sweeps"; spectralar/sweep.py): each row of params.yaml's `sweeps.<name>` runs
 # under runs/<name>/<row>/ with its own params file. A row reuses the main pipeline's output of every
 # stage whose params sections (and upstream stages) it leaves unchanged, as DVC's run cache would.
-# The stages, their sections and their commands come from dvc.yaml, which the parity test holds
-# equal to the main rules: no command line is written twice.
+# The stages, their sections and their commands come from dvc.yaml, like the main rules
+# (stages.smk): no command line is written twice.
 
 
 wildcard_constraints:
@@ -10,7 +10,7 @@ wildcard_constraints:
     row="[A-Za-z0-9_-]+",
 
 
-for _stage, _spec in SWEEP_DAG.items():
+for _stage, _spec in PIPELINE.items():
     if _stage in NOT_SWEPT:
         continue
 
@@ -26,7 +26,7 @@ for _stage, _spec in SWEEP_DAG.items():
             command=lambda w, stage=_stage: sweep_plan(w).command(stage),
         threads: STAGE_THREADS
         resources:
-            gpu=1 if _stage in SWEEP_GPU_STAGES else 0,
+            gpu=gpus(_stage),
         conda:
             "../envs/spectralar.yaml"
         log:
@@ -37,9 +37,9 @@ for _stage, _spec in SWEEP_DAG.items():
 
 rule sweep_table:
     input:
-        lambda w: [RowPlan(SWEEP_DAG, config, w.sweep, row).metrics_file("evaluate") for row in sweep_rows(config, w.sweep)],
+        lambda w: [RowPlan(PIPELINE, config, w.sweep, row).metrics_file("evaluate") for row in sweep_rows(config, w.sweep)],
     output:
-        "runs/{sweep}/table.csv",
+        SWEEP_TABLE,
     params:
         rows=lambda w: sweep_rows(config, w.sweep),
     conda:

@@ -1,0 +1,149 @@
+"""The pipeline's DAG, read from ``dvc.yaml``: the one declaration of every stage's command, deps,
+outs and params sections.
+
+DVC runs ``dvc.yaml`` as it is. Snakemake generates one rule per stage from it
+(``workflow/rules/stages.smk``, with :func:`stage_inputs` and :func:`stage_outputs` naming the files
+after the command-line flags that pass them), and the sweep rules re-path it per row
+(``spectralar.sweep.RowPlan``). So adding a stage never touches the Snakemake files.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import yaml
+
+# Names of the Snakemake inputs/outputs that no command-line flag passes.
+CODE = "code"           # deps no stage produces: the package's own code
+UPSTREAM = "upstream"   # deps another stage produces, read from a path the command does not pass
+OUTS = "outs"           # outs the command does not pass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]  # outs + metrics + plots
+    sections: tuple[str, ...]
+    metrics: tuple[str, ...] = ()  # the metrics files among outs
+
+
+def _paths(entries: Iterable) -> list[str]:
+    """dvc.yaml out entries are a path or ``{path: {cache: false, ...}}``."""
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+
+
+def load_dag(dvc_yaml: str | Path = "dvc.yaml") -> dict[str, StageSpec]:
+    """The stages of ``dvc.yaml`` in file order (top-level ``plots:`` are for ``dvc plots`` only)."""
+    spec = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    dag = {}
+    for name, stage in spec.items():
+        metrics = _paths(stage.get("metrics", []))
+        outs = _paths(stage.get("outs", [])) + metrics + _paths(stage.get("plots", []))
+        dag[name] = StageSpec(name, stage["cmd"], tuple(stage.get("deps", [])), tuple(outs),
+                              tuple(stage.get("params", [])), tuple(metrics))
+    return dag
+
+
+def _inside(path: str, out: str) -> bool:
+    return path == out or path.startswith(out.rstrip("/") + "/")
+
+
+def producer(dag: Mapping[str, StageSpec], path: str) -> Optional[tuple[str, str]]:
+    """(stage, out) of the stage output that ``path`` is or lies inside, or None (source code, params)."""
+    for spec in dag.values():
+        for out in spec.outs:
+            if _inside(path, out):
+                return spec.name, out
+    return None
+
+
+def upstream(dag: Mapping[str, StageSpec], stage: str) -> set[str]:
+    found = {p[0] for p in (producer(dag, d) for d in dag[stage].deps) if p is not None}
+    return found - {stage}
+
+
+def topological_order(dag: Mapping[str, StageSpec]) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for parent in sorted(upstream(dag, name)):
+            visit(parent)
+        order.append(name)
+
+    for name in dag:
+        visit(name)
+    return order
+
+
+def is_directory(path: str) -> bool:
+    """dvc.yaml does not say which outs are directories; in this pipeline they are the paths without
+    a file suffix (``data/prepared``, ``reports/figures``), files all have one (``.json``, ``.md``)."""
+    return not Path(path).suffix
+
+
+# --------------------------------------------------------------------------------------------
+# Snakemake's view of a stage: named inputs and outputs
+# --------------------------------------------------------------------------------------------
+
+def command_paths(cmd: str) -> dict[str, str]:
+    """The ``--flag value`` pairs of a command line, keyed by the flag as a Python name
+    (``--metrics-dir metrics`` -> ``{"metrics_dir": "metrics"}``)."""
+    words = shlex.split(cmd)
+    found = {}
+    for flag, value in zip(words, words[1:]):
+        if flag.startswith("--") and not value.startswith("--"):
+            name = flag[2:].replace("-", "_")
+            if not name.isidentifier():
+                raise ValueError(f"{cmd!r}: flag {flag} is not usable as a Snakemake input/output name")
+            found.setdefault(name, value)
+    return found
+
+
+def _passed_by(path: str, arguments: Mapping[str, str]) -> Optional[str]:
+    """The flag whose value is ``path`` or the closest directory above it (``--out reports`` passes
+    ``reports/report.md``; ``--metrics metrics/report.json`` beats ``--metrics-dir metrics``)."""
+    candidates = [(len(value), name) for name, value in arguments.items() if _inside(path, value)]
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def _group(named: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name, path in named:
+        if path not in groups.setdefault(name, []):
+            groups[name].append(path)
+    return groups
+
+
+def stage_inputs(dag: Mapping[str, StageSpec], stage: str) -> dict[str, list[str]]:
+    """The stage's deps as Snakemake inputs, named after the flag that passes each in its command
+    (``--data data/prepared`` -> ``data``); deps no stage produces go under :data:`CODE`. A dep inside
+    another stage's directory output becomes that directory (``models/proxy/proxy.pt`` ->
+    ``models/proxy``): Snakemake matches a rule's outputs, not files inside them."""
+    arguments = command_paths(dag[stage].cmd)
+    named = []
+    for dep in dag[stage].deps:
+        made_by = producer(dag, dep)
+        fallback = CODE if made_by is None else UPSTREAM
+        named.append((_passed_by(dep, arguments) or fallback, dep if made_by is None else made_by[1]))
+    return _group(named)
+
+
+def stage_outputs(dag: Mapping[str, StageSpec], stage: str) -> dict[str, list[str]]:
+    """The stage's outs and metrics as Snakemake outputs, named after the flag that passes each
+    (``--metrics`` -> ``metrics``, ``--out`` -> ``out``); any other out goes under :data:`OUTS`."""
+    arguments = command_paths(dag[stage].cmd)
+    return _group((_passed_by(out, arguments) or OUTS, out) for out in dag[stage].outs)
+
+
+def final_outputs(dag: Mapping[str, StageSpec]) -> list[str]:
+    """What a full run makes: every stage's metrics files (its outs when it declares none)."""
+    return [path for spec in dag.values() for path in (spec.metrics or spec.outs)]

@@ -1,0 +1,65 @@
+"""The DAG from dvc.yaml, and how its deps and outs become Snakemake's named inputs and outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from spectralar.dag import (
+    CODE,
+    command_paths,
+    final_outputs,
+    is_directory,
+    load_dag,
+    producer,
+    stage_inputs,
+    stage_outputs,
+    topological_order,
+)
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def dag():
+    return load_dag(REPO / "dvc.yaml")
+
+
+def test_command_paths_are_the_flags_values():
+    paths = command_paths("python -m spectralar report --params params.yaml --metrics-dir metrics --verbose --out reports")
+    assert paths == {"params": "params.yaml", "metrics_dir": "metrics", "out": "reports"}
+
+
+def test_a_file_inside_a_directory_output_is_that_directory(dag):
+    assert producer(dag, "models/proxy/proxy.pt") == ("train_proxy", "models/proxy")
+    assert producer(dag, "spectralar/data") is None
+    inputs = stage_inputs(dag, "train_tokenizer")
+    assert inputs["proxy"] == ["models/proxy"] and inputs["codes"] == ["data/proxy_codes"]
+    assert inputs["data"] == ["data/prepared"]
+    assert all(path.startswith("spectralar/") for path in inputs[CODE])
+
+
+def test_every_dep_and_out_gets_exactly_one_name(dag):
+    for name, spec in dag.items():
+        inputs = [p for paths in stage_inputs(dag, name).values() for p in paths]
+        assert sorted(inputs) == sorted({(producer(dag, d) or (None, d))[1] for d in spec.deps}), name
+        outputs = [p for paths in stage_outputs(dag, name).values() for p in paths]
+        assert sorted(outputs) == sorted(spec.outs), name
+        assert stage_outputs(dag, name)["metrics"] == list(spec.metrics) == [f"metrics/{name}.json"], name
+
+
+def test_the_closest_flag_names_a_path(dag):
+    """``--metrics metrics/report.json`` beats ``--metrics-dir metrics``; ``--out reports`` passes its files."""
+    outputs = stage_outputs(dag, "report")
+    assert outputs["metrics"] == ["metrics/report.json"]
+    assert "reports/report.md" in outputs["out"] and "reports/figures" in outputs["out"]
+    inputs = stage_inputs(dag, "report")
+    assert "metrics/evaluate.json" in inputs["metrics_dir"] and inputs["correlation"] == ["reports/correlation"]
+
+
+def test_order_directories_and_final_outputs(dag):
+    order = topological_order(dag)
+    for name in dag:
+        for dep in dag[name].deps:
+            made_by = producer(dag, dep)
+            assert made_by is None or order.index(made_by[0]) < order.index(name), (name, dep)
+    assert is_directory("data/prepared") and is_directory("reports/figures") and not is_directory("reports/report.md")
+    assert final_outputs(dag) == [f"metrics/{name}.json" for name in dag]
