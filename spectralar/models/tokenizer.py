@@ -5,7 +5,7 @@
 The encoder E reads hw patch tokens P and N learned spectral queries S0 and keeps the last N
 outputs; Q is the vector quantizer; the decoder D reads hw mask tokens M and a prefix of the
 quantised tokens and predicts, at each of the h×w positions, logits over the proxy codebook
-(TiTok's stage-1 "proxy codes", REFERENCE §2). Every sample of a batch may use its own prefix
+(TiTok's stage-1 "proxy codes"). Every sample of a batch may use its own prefix
 length i in one forward pass; the spectral causal mask (masks.py) keeps token s_i blind to s_j,
 j > i, in E and D. Differences from TiTok: no cls token; the latent projection is a true
 per-token Linear (TiTok's official weights reshape instead of permute, mixing tokens); the
@@ -82,7 +82,7 @@ class TokenizerConfig:
 
     @classmethod
     def titok_b64(cls) -> TokenizerConfig:
-        """TiTok-B64 (REFERENCE §2): ViT-B encoder/decoder, 256 px, 64 tokens, 4096×12 codebook,
+        """TiTok-B64 (its released config): ViT-B encoder/decoder, 256 px, 64 tokens, 4096×12 codebook,
         proxy = MaskGIT-VQGAN codebook of 1024 on a 16×16 grid; with the spectral causal mask."""
         return cls(image_size=256, in_channels=3, patch_size=16, width=768, encoder_depth=12,
                    decoder_depth=12, heads=12, mlp_ratio=4.0, num_tokens=64, codebook_size=4096,

@@ -4,7 +4,7 @@
    scored against ``data/reference/<extractor>.npz`` (reference_stats): FID, IS, KID, precision and
    recall through torch-fidelity's own functions (``spectralar.evaluation.metrics``), plus the class
    accuracy of the conditional samples under the domain classifier (the class each was asked for).
-2. Reconstruction (Table 2's rFID, REFERENCE §4): the tokenizer encodes ``reconstruction_images``
+2. Reconstruction (Table 2's rFID, ADM/TiTok convention): the tokenizer encodes ``reconstruction_images``
    val images (spread evenly over the split: ImageFolder splits are class-sorted) and decodes all N tokens; rFID compares the reconstructions
    with the statistics of those same images (not the reference_stats file), and the class accuracy of
    the reconstructions is the ceiling for the samples' class accuracy. PSNR of every prefix against

@@ -3,7 +3,7 @@
 Samples are drawn with the KV-cached sampler (``spectralar.models.sampling.generate``): classifier-free
 guidance on a doubled batch with VAR's linear ramp, then temperature, top-k, top-p, all from one
 seeded generator. Class order is cyclic (0, 1, ..., C-1, 0, 1, ...), never sorted: ADM's evaluator
-computes IS over the file in order (REFERENCE §4). Outputs under ``--out`` (one directory, atomic):
+computes IS over the file in order (ADM's evaluator does not shuffle). Outputs under ``--out`` (one directory, atomic):
 
 - ``samples.npz``: ``arr_0`` uint8 (S, H, W, C) in ADM's layout, ``labels`` int64, ``ids`` uint16 (S, N).
 - ``truncated/samples_drop{k}.npz`` for each k > 0 in ``sample.truncate``: the same samples decoded from

@@ -2,7 +2,7 @@
 
 Next-token prediction over the N spectral token ids of each image (eq. 8), the class embedding as
 the start token, labels dropped to the null class with probability ``generator.class_dropout`` for
-classifier-free guidance. Recipe (REFERENCE §3): AdamW betas (0.9, 0.95), weight decay 0.05, peak
+classifier-free guidance. Recipe (VAR's paper and code): AdamW betas (0.9, 0.95), weight decay 0.05, peak
 lr = base_lr * batch / 256, linear warmup then linear decay to ``final_lr`` (VAR's "lin0"), gradient
 clipping 2.0, EMA of the weights, bf16 autocast on CUDA.
 

@@ -143,7 +143,7 @@ def autocast(device: DeviceLike, enabled: bool) -> ContextManager[object]:
     """bf16 autocast on CUDA when enabled; a null context on CPU or when disabled.
 
     bf16 rather than fp16: no loss scaler needed (VAR's q/k normalisation exists to keep
-    fp16 stable, REFERENCE.md §3; bf16 has fp32's exponent range). CPU autocast is left off
+    fp16 stable, VAR's code; bf16 has fp32's exponent range). CPU autocast is left off
     because CPU runs here are tests and tiny configs where fp32 is both faster and exact.
     """
     device_type = torch.device(device).type

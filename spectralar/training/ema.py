@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights (TiTok trains with EMA 0.999, REFERENCE.md §2).
+"""Exponential moving average of model weights (TiTok trains with EMA 0.999).
 
 The shadow copy is kept in float32 even when the model trains in bf16: with decay 0.999
 each update moves the average by 1e-3 of the difference, which bf16's 8-bit mantissa

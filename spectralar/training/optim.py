@@ -1,6 +1,6 @@
 """Optimizer construction and learning-rate schedule shared by both training stages.
 
-Both recipes (REFERENCE.md §2 TiTok, §3 VAR) use AdamW with decoupled weight decay that
+Both recipes (TiTok's, VAR's) use AdamW with decoupled weight decay that
 skips biases, norm weights, embeddings and learned tokens, a linear warmup and a decay
 to a final learning rate. The schedule is a pure function of the step so that a resumed
 run recomputes exactly the learning rate an uninterrupted run would have used.
@@ -132,7 +132,7 @@ def lr_at(
 
     So the rate is ``base_lr`` at ``step == warmup_steps`` (continuous with the warmup)
     and ``final_lr`` from ``step == total_steps`` on. TiTok: warmup 10k, cosine 1e-4 ->
-    1e-5 (REFERENCE.md §2); VAR: warmup epochs/50 (§3).
+    1e-5 (TiTok); VAR: warmup epochs/50 (VAR).
     """
     _check_schedule_arguments(step, base_lr, warmup_steps, total_steps, schedule, final_lr)
     if step < warmup_steps:
@@ -194,7 +194,7 @@ def build_adamw(
 
     The fused CUDA kernel saves one launch per tensor per step; on CPU the default
     (foreach) implementation is used. TiTok: betas (0.9, 0.99), wd 1e-4; VAR: betas
-    (0.9, 0.95), wd 0.05 (REFERENCE.md §2-3).
+    (0.9, 0.95), wd 0.05 (TiTok's and VAR's code).
     """
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
