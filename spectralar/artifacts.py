@@ -27,7 +27,7 @@ import torch
 
 from spectralar.config import ConfigError
 from spectralar.data.shards import MANIFEST
-from spectralar.io import read_json, write_text
+from spectralar.io import ArtifactError, open_npz, read_json, read_npy, rerun_hint, write_text
 from spectralar.training import load_checkpoint, save_checkpoint
 
 # ------------------------------------------------------------------------------------------------
@@ -187,10 +187,11 @@ def load_generator(path: str | Path, device: torch.device | str):
 
 def load_proxy_codes(directory: str | Path) -> tuple[dict, Optional[np.ndarray]]:
     """(manifest, table memmap or None in online mode) of an extract_proxy_codes output."""
-    manifest = read_json(Path(directory) / MANIFEST)
+    rerun = rerun_hint("extract_proxy_codes", directory)
+    manifest = read_json(Path(directory) / MANIFEST, rerun)
     if manifest["mode"] == "online":
         return manifest, None
-    return manifest, np.load(Path(directory) / PROXY_CODES_TABLE, mmap_mode="r")
+    return manifest, read_npy(Path(directory) / PROXY_CODES_TABLE, mmap=True, rerun=rerun)
 
 
 def _labels_name(split: str) -> str:
@@ -209,8 +210,10 @@ def load_tokens(directory: str | Path, split: str = "train") -> tuple[dict, np.n
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         raise FileNotFoundError(f"{directory / MANIFEST} not found: run the dump_tokens stage first")
-    manifest = read_json(directory / MANIFEST)
-    return manifest, np.load(directory / f"{split}.npy"), np.load(directory / _labels_name(split))
+    rerun = rerun_hint("dump_tokens", directory)
+    manifest = read_json(directory / MANIFEST, rerun)
+    return (manifest, read_npy(directory / f"{split}.npy", rerun=rerun),
+            read_npy(directory / _labels_name(split), rerun=rerun))
 
 
 def write_history(path: str | Path, rows: list[dict]) -> None:
@@ -248,11 +251,14 @@ def load_samples(path: str | Path, image_shape: tuple[int, int, int],
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the sample stage first")
+    rerun = rerun_hint("sample", path.parent.parent if path.parent.name == TRUNCATED_DIR else path.parent)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path, rerun) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .npz ({err})") from err
+    except ArtifactError:
+        raise
+    except (OSError, ValueError) as err:  # a member with a corrupt header
+        raise ArtifactError(f"{path}: not a readable .npz ({err}); {rerun}") from err
     missing = [key for key in ("arr_0", "labels") if key not in arrays]
     if missing:
         raise ValueError(f"{path}: missing array(s) {missing} (need arr_0 uint8 (N, H, W, C) and labels (N,)); "

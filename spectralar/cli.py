@@ -16,10 +16,10 @@ import time
 from typing import Any, Optional, Sequence
 
 from spectralar.config import ConfigError, load_params
-from spectralar.io import write_json
+from spectralar.io import ArtifactError, write_json
 from spectralar.log import get_logger, setup_logging
 from spectralar.stages import STAGE_TABLE, load_stage, stage_info
-from spectralar.stages.context import StageContext, pipeline_tags
+from spectralar.stages.context import StageBusyError, StageContext, pipeline_tags, remove_stale_outputs, stage_lock
 
 
 class StageParser(argparse.ArgumentParser):
@@ -117,13 +117,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        relaunch = torchrun_command(args.stage, argv)
-        if relaunch is not None:
-            get_logger().info("%s=%s: running %s", NPROC_VARIABLE, os.environ[NPROC_VARIABLE], " ".join(relaunch))
-            return subprocess.call(relaunch)
-        run_stage(args.stage, args)
+        with stage_lock(args.stage, args.metrics):  # one writer per stage output, DVC and Snakemake alike
+            relaunch = torchrun_command(args.stage, argv)
+            if relaunch is not None:
+                get_logger().info("%s=%s: running %s", NPROC_VARIABLE, os.environ[NPROC_VARIABLE], " ".join(relaunch))
+                return subprocess.call(relaunch)
+            remove_stale_outputs(args, get_logger(args.stage))
+            run_stage(args.stage, args)
+    except StageBusyError as err:
+        get_logger().error("%s", err)
+        return 2
     except ConfigError as err:
         get_logger().error("bad params: %s", err)
+        return 2
+    except ArtifactError as err:  # an input file truncated or corrupt: its name and what to rerun, no traceback
+        get_logger().error("%s", err)
         return 2
     except FileNotFoundError as err:
         get_logger().error("%s", err)

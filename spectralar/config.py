@@ -193,6 +193,10 @@ class DataConfig:
             raise ValueError("resolution, workers and shard_size must be positive")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.source == "imagefolder" and not self.imagefolder_root.strip():
+            # Path("") is the working directory: prepare would scan the project itself as a dataset
+            raise ValueError("imagefolder_root is empty but source is imagefolder: set data.imagefolder_root to "
+                             "the dataset root (ImageNet's train/<wnid>/*.JPEG, or any class-per-folder tree)")
 
 
 @dataclass(frozen=True)

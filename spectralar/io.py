@@ -14,25 +14,77 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+class ArtifactError(ValueError):
+    """An input file that is missing a part, truncated, corrupt or of the wrong kind. The message is
+    one line: the file, what is wrong, and what to rerun; the CLI prints it without a traceback."""
+
+
+def temporary_siblings(path: str | Path) -> list[Path]:
+    """The temporaries :func:`atomic_path` (and checkpoint saving) make for ``path``:
+    ``.<name>.*.tmp`` beside it, files or folders. Left behind only by a killed writer."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*{TEMPORARY_SUFFIX}")) if path.parent.is_dir() else []
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries a killed writer of ``path`` left behind; return them.
+
+    Only call this while holding the writer's lock (``spectralar.stages.context.stage_lock``):
+    then no live process owns them.
+    """
+    removed = temporary_siblings(path)
+    for stale in removed:
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return removed
+
+
+def replace_directory(source: str | Path, destination: str | Path) -> None:
+    """Move the complete folder ``source`` onto ``destination`` with renames only.
+
+    The old folder is first renamed aside (into a temporary name that the next run's clean-up
+    removes), the new one renamed into place, then the old one deleted. At every instant
+    ``destination`` is absent, the complete old folder or the complete new folder: never a
+    half-deleted one, whatever the moment of a kill.
+    """
+    source, destination = Path(source), Path(destination)
+    aside = None
+    if destination.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", suffix=TEMPORARY_SUFFIX,
+                                      dir=destination.parent))
+        aside.rmdir()
+        os.replace(destination, aside)
+    os.replace(source, destination)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; move it onto ``path`` if the block succeeds.
 
-    For directories the old directory (if any) is removed just before the rename, so at every
-    instant ``path`` is either absent, the old complete output, or the new complete output.
+    At every instant ``path`` is absent, the old complete output or the new complete output:
+    files are renamed into place, folders swapped in with renames only (:func:`replace_directory`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
     try:
@@ -41,11 +93,10 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
         else:
             os.chmod(tmp, 0o755)
-        if directory and path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            replace_directory(tmp, path)
     except BaseException:
         if directory:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -76,8 +127,61 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+def rerun_hint(stage: str, output: str | Path) -> str:
+    """What remakes ``output`` (a stage's declared output) in either orchestrator. ``-s``: DVC's
+    ``-f`` alone would also force every upstream stage, Snakemake's ``-f`` forces only the target."""
+    return f"rerun {stage}: `dvc repro -f -s {stage}` or `snakemake -f {output}`"
+
+
+def _unreadable(path: Path, what: str, err: BaseException, rerun: str) -> ArtifactError:
+    """One line: the file, what is wrong with it (with the library's first line), what to rerun."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ArtifactError(f"{path}: {what} ({reason})" + (f"; {rerun}" if rerun else ""))
+
+
+def read_json(path: str | Path, rerun: str = "") -> Any:
+    """A JSON file; one that does not parse (truncated, hand-edited) is an ArtifactError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise _unreadable(path, "not valid JSON", err, rerun) from err
+
+
+# What numpy raises for a truncated, zeroed or foreign .npy/.npz: a short header or body
+# (ValueError "mmap length is greater than file size", EOFError), a zip without its directory, a bad member.
+_UNREADABLE_ARRAY = (ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def read_npy(path: str | Path, *, mmap: bool = False, rerun: str = "") -> np.ndarray:
+    """An .npy array (memory-mapped read-only when ``mmap``); an unreadable file is an ArtifactError naming it."""
+    path = Path(path)
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except _UNREADABLE_ARRAY as err:
+        raise _unreadable(path, "truncated or not an .npy array", err, rerun) from err
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ArtifactError(f"{path}: an .npz archive, not an .npy array" + (f"; {rerun}" if rerun else ""))
+    return array
+
+
+@contextlib.contextmanager
+def open_npz(path: str | Path, rerun: str = "") -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load`` of an .npz; a truncated or corrupt archive, found when it is opened or when the block
+    reads a member, is an ArtifactError naming it. The block's own errors pass through unchanged."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except _UNREADABLE_ARRAY as err:
+        raise _unreadable(path, "truncated or not an .npz archive", err, rerun) from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ArtifactError(f"{path}: an .npy array, not an .npz archive" + (f"; {rerun}" if rerun else ""))
+    with data:
+        try:
+            yield data
+        except (EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise _unreadable(path, "corrupt .npz member", err, rerun) from err
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:

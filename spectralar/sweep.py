@@ -29,6 +29,7 @@ import argparse
 import copy
 import csv
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -37,12 +38,15 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from spectralar.config import ConfigError
 from spectralar.dag import StageSpec, load_dag, producer, topological_order, upstream  # noqa: F401 (re-exported)
 from spectralar.evaluation.headline import HEADLINE_METRICS
 
 SWEEP_ROOT = "runs"
 PARAMS_FILE = "params.yaml"
 NOT_SWEPT = ("prepare", "report")  # shared by every row; a row that changes them is an error
+# Sweep and row names become folders (runs/<sweep>/<row>/) and DVC experiment names: no "/" or ".."
+NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class SweepError(ValueError):
@@ -54,9 +58,15 @@ class SweepError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 def sweep_rows(params: Mapping[str, Any], sweep: str) -> dict[str, dict[str, Any]]:
+    """The rows of ``sweeps.<sweep>``; a sweep or row name that is not a plain folder name is refused,
+    since it becomes the path ``runs/<sweep>/<row>/`` (``../../x`` would write outside the project)."""
     sweeps = params.get("sweeps") or {}
     if sweep not in sweeps:
         raise SweepError(f"sweeps.{sweep}: no such sweep in params (sweeps: {', '.join(sorted(sweeps)) or 'none'})")
+    for where, name in [(f"sweeps.{sweep}", sweep)] + [(f"sweeps.{sweep}.{row}", row) for row in sweeps[sweep]]:
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ConfigError(f"{where}: name {name!r} may only hold letters, digits, '_' and '-' "
+                              f"(it names the folder {SWEEP_ROOT}/<sweep>/<row>/ and the DVC experiment <sweep>-<row>)")
     return dict(sweeps[sweep])
 
 
@@ -218,13 +228,15 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
 
 def table_from_files(params_file: str | Path, sweep: str, dvc_yaml: str | Path = "dvc.yaml") -> list[dict]:
     """A sweep's table from the rows' metrics/evaluate.json (a row's own, or the main one it reuses)."""
+    from spectralar.io import read_json
+
     base = yaml.safe_load(Path(params_file).read_text())
     dag = load_dag(dvc_yaml)
     rows = sweep_rows(base, sweep)
     metrics = {}
     for row in rows:
         path = Path(RowPlan(dag, base, sweep, row).metrics_file("evaluate"))
-        metrics[row] = json.loads(path.read_text()) if path.is_file() else None
+        metrics[row] = read_json(path) if path.is_file() else None
     return table_rows(rows, metrics)
 
 
@@ -284,6 +296,8 @@ def collect(params_file: str | Path, sweep: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from spectralar.io import ArtifactError  # imports numpy, which the Snakefile's imports of this module skip
+
     parser = argparse.ArgumentParser(prog="python -m spectralar.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=PARAMS_FILE)
@@ -316,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = args.out or f"{SWEEP_ROOT}/{args.sweep}/table.csv"
             write_table(out, table)
             print(out)
-    except SweepError as err:
+    except (SweepError, ConfigError, ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -199,7 +199,7 @@ def test_validate_samples_rejects(array, message):
 def test_resolve_inception_prefers_torch_fidelity_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     weights = tmp_path / INCEPTION_WEIGHTS_FILE
-    weights.write_bytes(b"x")
+    torch.save({"fc.bias": torch.zeros(2)}, weights)  # plain tensors: resolve_inception reads it safely first
     assert resolve_inception(str(weights)) == (
         "inception-v3-compat", {"feature_extractor_weights_path": str(weights)}, True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -207,7 +207,7 @@ def test_resolve_inception_prefers_torch_fidelity_weights(tmp_path, monkeypatch)
 
     hub = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
     hub.parent.mkdir(parents=True)
-    hub.write_bytes(b"x")
+    torch.save({"fc.bias": torch.zeros(2)}, hub)
     name, kwargs, has_logits = resolve_inception(None)
     assert name == "inception-v3-compat" and kwargs["feature_extractor_weights_path"] == str(hub) and has_logits
 

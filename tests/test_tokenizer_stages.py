@@ -125,6 +125,7 @@ def _weights(path: Path) -> dict:
 def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch, kill_step, checkpoints):
     reference = project.run_all()
     expected = _weights(project.root / "tokenizer" / "tokenizer.pt")
+    expected_history = (project.root / "tokenizer" / "history.csv").read_bytes()
     import spectralar.stages.train_tokenizer as stage
 
     original = stage.Trainer._log
@@ -146,6 +147,8 @@ def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch, kill
             assert torch.equal(value, actual[part][key]), (part, key)
     assert resumed["psnr_prefix"] == reference["psnr_prefix"]
     assert resumed["restarted_codes"] == reference["restarted_codes"]
+    # the whole loss curve, rows logged before the kill included (it is checkpointed with the model)
+    assert (project.root / "tokenizer" / "history.csv").read_bytes() == expected_history
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(project, monkeypatch):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from spectralar.io import ArtifactError
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -26,20 +29,30 @@ def _missing(path: Path) -> FileNotFoundError:
     )
 
 
+# Debian's package installs these files; a damaged copy is fixed by reinstalling it.
+_REINSTALL = "reinstall the package: `apt-get install --reinstall dataset-fashion-mnist`"
+
+
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """Read an idx file (big-endian header: magic, dims...) into a uint8 array."""
     if not path.is_file():
         raise _missing(path)
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # not gzip or bad CRC, truncated stream, bad data
+        raise ArtifactError(f"{path}: not a complete gzip file ({type(err).__name__}: {err}); {_REINSTALL}") from err
     found = int.from_bytes(raw[0:4], "big")
-    if found != magic:
-        raise ValueError(f"{path}: bad idx magic {found}, expected {magic}")
+    if len(raw) < 4 or found != magic:
+        raise ArtifactError(f"{path}: bad idx magic {found}, expected {magic}; {_REINSTALL}")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) < 4 + 4 * ndim:
+        raise ArtifactError(f"{path}: truncated idx header; {_REINSTALL}")
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated, expected {int(np.prod(dims))} values, found {data.size}")
+        raise ArtifactError(f"{path}: truncated, expected {int(np.prod(dims))} values, found {data.size}; "
+                            f"{_REINSTALL}")
     return data.reshape(dims)
 
 

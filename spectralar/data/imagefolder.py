@@ -122,7 +122,18 @@ def center_crop_arr(image, size: int) -> np.ndarray:
 
 
 def load_image(path: str, label: int, size: int, min_size: int, fmt: str, quality: int):
-    """Worker: (payload or None, label, skip reason or None). Never raises for bad files."""
+    """Worker: (payload or None, label, skip reason or None). Never raises for bad files.
+
+    One image too large to decode in memory is skipped like a corrupt one: a MemoryError left to
+    propagate would end the whole ``prepare`` run (the pool re-raises it in the parent).
+    """
+    try:
+        return _load_image(path, label, size, min_size, fmt, quality)
+    except MemoryError:
+        return None, label, "too large to decode in memory (MemoryError)"
+
+
+def _load_image(path: str, label: int, size: int, min_size: int, fmt: str, quality: int):
     from PIL import Image, UnidentifiedImageError
 
     if label < 0:
@@ -139,7 +150,9 @@ def load_image(path: str, label: int, size: int, min_size: int, fmt: str, qualit
                 rgb = image.convert("RGB")
     except UnidentifiedImageError:
         return None, label, "not an image"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # more than 2 x Image.MAX_IMAGE_PIXELS pixels
+        return None, label, f"too large ({err})"
+    except (OSError, ValueError, SyntaxError) as err:
         return None, label, f"corrupt image ({type(err).__name__}: {err})"
     array = center_crop_arr(rgb, size)
     if fmt == "raw":

@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from spectralar.io import read_json
+from spectralar.io import ArtifactError, read_json, read_npy, rerun_hint
 
 MANIFEST = "manifest.json"
 
@@ -32,6 +32,16 @@ class ShardInfo:
     stem: str  # e.g. "train/shard-00000", relative to the dataset root
     count: int
     sha256: str
+
+
+def _check_inside(stem: str, manifest_path: Path) -> None:
+    """Refuse a shard stem that would read outside the dataset folder (absolute, or with ``..``):
+    the manifest is data, and a stem is always a path inside its folder, e.g. ``train/shard-00000``.
+    Checked on the words of the path, not by resolving it, so a DVC cache of symlinks still reads."""
+    path = Path(stem)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ArtifactError(f"{manifest_path}: shard stem {stem!r} is not a path inside {manifest_path.parent} "
+                            f"(expected e.g. 'train/shard-00000'); refusing to read it")
 
 
 def decode_jpeg(data: bytes | memoryview, channels: int) -> np.ndarray:
@@ -56,7 +66,8 @@ class ImageShards:
             raise FileNotFoundError(
                 f"{manifest_path} not found: run the `prepare` stage first (python -m spectralar prepare)"
             )
-        self.manifest = read_json(manifest_path)
+        self.rerun = rerun_hint("prepare", self.root)
+        self.manifest = read_json(manifest_path, self.rerun)
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in {manifest_path} (has {sorted(self.manifest['splits'])})")
         self.split = split
@@ -65,10 +76,12 @@ class ImageShards:
         self.class_names: list[str] = list(self.manifest["class_names"])
         entry = self.manifest["splits"][split]
         self.shards = [ShardInfo(**s) for s in entry["shards"]]
+        for shard in self.shards:
+            _check_inside(shard.stem, manifest_path)
         counts = np.array([s.count for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.labels = (
-            np.concatenate([np.load(self.root / f"{s.stem}.labels.npy") for s in self.shards]).astype(np.int64)
+            np.concatenate([self._labels_of(s) for s in self.shards]).astype(np.int64)
             if self.shards else np.zeros(0, dtype=np.int64)
         )
         self._cache: dict[int, tuple[np.ndarray, Optional[np.ndarray]]] = {}
@@ -83,12 +96,32 @@ class ImageShards:
     def _shard(self, k: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         if k not in self._cache:
             stem = self.root / self.shards[k].stem
+            count = self.shards[k].count
             if self.format == "raw":
-                self._cache[k] = (np.load(f"{stem}.npy", mmap_mode="r"), None)
+                data = read_npy(f"{stem}.npy", mmap=True, rerun=self.rerun)
+                self._check_shape(f"{stem}.npy", data, (count, *self.image_shape))
+                self._cache[k] = (data, None)
             else:
-                blob = np.memmap(f"{stem}.bin", dtype=np.uint8, mode="r")
-                self._cache[k] = (blob, np.load(f"{stem}.offsets.npy"))
+                offsets = read_npy(f"{stem}.offsets.npy", rerun=self.rerun)
+                self._check_shape(f"{stem}.offsets.npy", offsets, (count + 1,))
+                size = Path(f"{stem}.bin").stat().st_size
+                if size != offsets[-1]:
+                    raise ArtifactError(f"{stem}.bin: {size} bytes, but its offsets end at {offsets[-1]} "
+                                        f"(truncated?); {self.rerun}")
+                self._cache[k] = (np.memmap(f"{stem}.bin", dtype=np.uint8, mode="r"), offsets)
         return self._cache[k]
+
+    def _labels_of(self, shard: ShardInfo) -> np.ndarray:
+        path = self.root / f"{shard.stem}.labels.npy"
+        labels = read_npy(path, rerun=self.rerun)
+        self._check_shape(str(path), labels, (shard.count,))
+        return labels
+
+    def _check_shape(self, path: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
+        """A shard that parses but does not hold what the manifest says (another run's file) stops here."""
+        if array.shape != expected:
+            raise ArtifactError(f"{path}: shape {array.shape}, but {self.root / MANIFEST} says {expected}; "
+                                f"{self.rerun}")
 
     def _image(self, index: int) -> np.ndarray:
         k = int(np.searchsorted(self._starts, index, side="right") - 1)

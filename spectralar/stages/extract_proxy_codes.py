@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ from spectralar.artifacts import MANIFEST, PROXY_CODES_TABLE as TABLE, load_prox
     tokenizer_config_for
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
-from spectralar.io import atomic_path, read_json, sha256_file, write_json
+from spectralar.io import atomic_path, read_json, replace_directory, sha256_file, write_json
 from spectralar.log import progress
 from spectralar.models.proxy_vq import ProxyVQModel
 from spectralar.spectral import band_limit
@@ -78,7 +79,7 @@ def run(ctx) -> dict:
         raise ValueError(f"proxy codebook of {proxy.config.codebook_size} codes does not fit uint16")
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     partial = out.with_name(out.name + ".partial")  # not a declared output: survives DVC's clean-up
-    done = _open_partial(partial, digest, (len(shards), len(omegas), positions))
+    done = _open_partial(partial, manifest, digest, (len(shards), len(omegas), positions))
     table = np.lib.format.open_memmap(partial / TABLE, mode="r+")
     starts = range(done, len(shards), cfg.batch_size)
     for start in progress(starts, total=len(starts), desc="extract_proxy_codes", unit="batch", log_every=20,
@@ -89,19 +90,27 @@ def run(ctx) -> dict:
         table.flush()
         write_json(partial / "progress.json", {"digest": digest, "rows_done": stop})
     del table
-    (partial / "progress.json").unlink()
+    # the final manifest first: from here on a killed run finds a finished table (see _open_partial)
     write_json(partial / MANIFEST, {**manifest, "table": TABLE, "shape": [len(shards), len(omegas), positions]})
     ctx.write_config(partial, omegas=list(omegas))
-    with atomic_path(out, directory=True) as tmp:
-        tmp.rmdir()
-        partial.rename(tmp)
+    (partial / "progress.json").unlink(missing_ok=True)
+    os.chmod(partial, 0o755)
+    replace_directory(partial, out)  # renames only: no moment at which the finished table is lost
     size = (out / TABLE).stat().st_size
     return {"mode": "precomputed", "levels": len(omegas), "images": len(shards), "table_bytes": size,
             "resumed_from_row": done}
 
 
-def _open_partial(partial: Path, digest: str, shape: tuple[int, int, int]) -> int:
-    """Return the number of rows already done in a matching partial table (creating it if needed)."""
+def _open_partial(partial: Path, manifest: dict, digest: str, shape: tuple[int, int, int]) -> int:
+    """Return the number of rows already done in a matching partial table (creating it if needed).
+
+    A finished table whose final manifest is written but which a kill kept from being moved into
+    place counts as done: it is moved, not recomputed."""
+    final = partial / MANIFEST
+    if final.is_file() and (partial / TABLE).is_file():
+        written = read_json(final)
+        if all(written.get(key) == value for key, value in manifest.items()) and written.get("shape") == list(shape):
+            return shape[0]
     progress_file = partial / "progress.json"
     if progress_file.is_file() and (partial / TABLE).is_file():
         state = read_json(progress_file)

@@ -116,16 +116,26 @@ def prepare_imagefolder(cfg: DataConfig, out: Path, log) -> dict:
                 writer.append(payload, label)
                 labels.append(label)
             splits[split] = {**writer.close(), "per_class": _counts(labels, class_names)}
+    for item in skipped:  # before any error below, which points at them
+        log.warning("skipped %s/%s: %s", item["split"], item["path"], item["reason"])
     for split, entry in splits.items():
         empty = [name for name, n in entry["per_class"].items() if n == 0]
         if split == "train" and empty:
-            raise ValueError(f"class {empty[0]!r} has no readable training image (see skipped files)")
+            raise ValueError(_no_training_image(empty[0], skipped))
         if split == "train" and entry["count"] == 0:
             raise ValueError(f"{cfg.imagefolder_root}: no readable images")
-    for item in skipped:
-        log.warning("skipped %s/%s: %s", item["split"], item["path"], item["reason"])
     shape = (cfg.resolution, cfg.resolution, 3)
     return _manifest(cfg, class_names, shape, splits, skipped, {"root": str(root)})
+
+
+def _no_training_image(name: str, skipped: list[dict]) -> str:
+    """Why class ``name`` ended with no training image: its skipped files, when there are any."""
+    own = [item for item in skipped if item["split"] == "train" and Path(item["path"]).parent.name == name]
+    if not own:
+        return f"class {name!r} has no readable training image (none of its files was read)"
+    first = own[0]
+    return (f"class {name!r} has no readable training image: all {len(own)} of its files were skipped "
+            f"({first['path']}: {first['reason']}{'; the others are logged above' if len(own) > 1 else ''})")
 
 
 def _unpack(job):

@@ -18,14 +18,13 @@ executed and so never logged, and the report logs them from their metrics files.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from spectralar.artifacts import HISTORY, read_history
 from spectralar.evaluation.headline import HEADLINE_METRICS
-from spectralar.io import atomic_path, csv_text, write_text
+from spectralar.io import atomic_path, csv_text, read_json, rerun_hint, write_text
 from spectralar.stages import STAGES
 
 
@@ -191,7 +190,7 @@ def plot_losses(histories: Mapping[str, list[dict[str, float]]], path: Path) -> 
 # --------------------------------------------------------------------------------------------
 
 def read_metrics(directory: Path) -> dict[str, dict]:
-    return {name: json.loads((directory / f"{name}.json").read_text())
+    return {name: read_json(directory / f"{name}.json", rerun_hint(name, directory / f"{name}.json"))
             for name in STAGES if name != "report" and (directory / f"{name}.json").is_file()}
 
 

@@ -41,6 +41,7 @@ from spectralar.models.generator import GeneratorConfig, SpectralGPT
 from spectralar.stages.common import Checkpointer, stage_device
 from spectralar.training import (
     EMA,
+    HistoryRows,
     Throughput,
     all_reduce_mean,
     autocast,
@@ -138,12 +139,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 # Training
 # ------------------------------------------------------------------------------------------------
 
-class History:
+class History(HistoryRows):
     """Logged rows plus the loss/accuracy sums of the current log window; checkpointed, so a
     resumed run writes the same history.csv as an uninterrupted one."""
 
     def __init__(self, device: torch.device) -> None:
-        self.rows: list[dict] = []
+        super().__init__()
         self.window = torch.zeros(2, device=device)  # sums of loss and accuracy since the last log
         self.window_steps = 0
 
@@ -159,11 +160,10 @@ class History:
         return means
 
     def state_dict(self) -> dict:
-        return {"rows": [dict(row) for row in self.rows], "window": self.window.cpu(),
-                "window_steps": self.window_steps}
+        return {**super().state_dict(), "window": self.window.cpu(), "window_steps": self.window_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rows = [dict(row) for row in state["rows"]]
+        super().load_state_dict(state)
         self.window = state["window"].to(self.window.device)
         self.window_steps = int(state["window_steps"])
 
@@ -259,13 +259,14 @@ class Trainer:
     def _log(self, step: int, means: torch.Tensor, terms: dict, images_per_second: float) -> None:
         loss, accuracy = (float(v) for v in means.cpu())
         row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": terms["lr"],
-               "grad_norm": float(terms["grad_norm"]),
-               "tokens_per_s": round(images_per_second * self.model_cfg.num_tokens, 1)}
-        self.history.rows.append(row)
+               "grad_norm": float(terms["grad_norm"])}
+        self.history.append(row)  # results only: the rate is telemetry (log line, MLflow)
+        tokens_per_second = round(images_per_second * self.model_cfg.num_tokens, 1)
         if self.dist.is_main:
             self.log.info("step %d/%d loss %.4f acc %.4f lr %.3g grad %.3g %.0f tok/s", step, self.cfg.steps,
-                          loss, accuracy, row["lr"], row["grad_norm"], row["tokens_per_s"])
-            self.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+                          loss, accuracy, row["lr"], row["grad_norm"], tokens_per_second)
+            self.log_metrics({**{f"train/{k}": v for k, v in row.items() if k != "step"},
+                              "train/tokens_per_s": tokens_per_second}, step=step)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from spectralar.artifacts import PROXY_FILE, proxy_config_for, save_proxy
 from spectralar.data.loader import step_loader, to_float
 from spectralar.data.shards import ImageShards
+from spectralar.io import atomic_path
 from spectralar.evaluation.measures import codebook_statistics, per_image_mse, psnr_from_mse
 from spectralar.models.proxy_vq import ProxyVQModel, load_maskgit_checkpoint
 from spectralar.stages.common import Checkpointer, stage_device
@@ -77,9 +78,10 @@ def run(ctx) -> dict:
         trained = train(model, cfg, ImageShards(ctx.args.data, "train"), device, seed=ctx.params.run.seed,
                         checkpointer=checkpointer, log=ctx.log, log_metrics=ctx.tracker.log_metrics)
     metrics = {**trained, **evaluate(model, val, cfg.eval_images, device)}
-    save_proxy(out / PROXY_FILE, model)
-    ctx.write_config(out, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
-                     grid_size=model_cfg.grid_size, downsample_factor=model_cfg.downsample_factor)
+    with atomic_path(out, directory=True) as tmp:  # the whole folder or nothing
+        save_proxy(tmp / PROXY_FILE, model)
+        ctx.write_config(tmp, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
+                         grid_size=model_cfg.grid_size, downsample_factor=model_cfg.downsample_factor)
     ctx.log_outputs(out, ("config.json",), checkpoints=(PROXY_FILE,))
     Checkpointer(ctx.args.checkpoints, "").clear()  # only now that every output is written
     ctx.log.info("proxy: PSNR %.2f dB, codebook usage %.1f%%", metrics["psnr"], 100 * metrics["codebook_usage"])

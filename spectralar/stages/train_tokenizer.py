@@ -37,8 +37,8 @@ from spectralar.artifacts import CONFIG, HISTORY, TOKENIZER_FILE, load_proxy, lo
     tokenizer_config_for, write_history
 from spectralar.config import ConfigError
 from spectralar.stages.common import Checkpointer, stage_device
-from spectralar.training import (EMA, DeadCodeRestarts, Throughput, autocast, build_adamw, check_finite, lr_at,
-                                 set_lr, step_generator)
+from spectralar.training import (EMA, DeadCodeRestarts, HistoryRows, Throughput, autocast, build_adamw, check_finite,
+                                 lr_at, set_lr, step_generator)
 
 
 
@@ -180,7 +180,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.restarts = DeadCodeRestarts(self.tok_cfg.codebook_size, self.cfg.dead_code_restart_every,
                                          seed=self.seed, device=self.device)
-        self.history: list[dict] = []
+        self.history = HistoryRows()  # checkpointed: a resumed run writes the whole curve
 
     # -- phase set-up -------------------------------------------------------------------------
     def _phase_objects(self, phase: int) -> dict:
@@ -211,6 +211,7 @@ class Trainer:
             if self.perceptual is not None:
                 self.perceptual.to(self.device)
         objects["ema"] = EMA(self.model, cfg.ema_decay, warmup=True)
+        objects["history"] = self.history
         if self.restarts.enabled:
             objects["restarts"] = self.restarts  # code counts since the last restart, checkpointed
         return objects
@@ -322,10 +323,10 @@ class Trainer:
         return {"disc_loss": float(d_loss.detach()), "lecam": float(reg.detach())}
 
     def _log(self, step, phase, terms, optimizer, rate) -> None:
-        row = {"step": step, "phase": phase, **{k: round(v, 6) for k, v in terms.items()}, "images_per_s": round(rate, 1)}
-        self.history.append(row)
+        row = {"step": step, "phase": phase, **{k: round(v, 6) for k, v in terms.items()}}
+        self.history.append(row)  # results only: the rate is telemetry (log line, MLflow)
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-        self.log.info("%s", text)
+        self.log.info("%s images_per_s %.1f", text, rate)
         self.log_metrics({f"train/{k}": v for k, v in terms.items()}, step=step)
 
 
@@ -380,11 +381,13 @@ def run(ctx) -> dict:
     codec = SpectralCodec(trainer.tokenizer, proxy, trainer.omegas, soft=cfg.stage2_steps > 0)
     metrics = {**fit, **prefix_psnr(codec, val, cfg.eval_images, device),
                "omegas": list(trainer.omegas), "decode": "soft" if codec.soft else "argmax"}
-    save_tokenizer(out / TOKENIZER_FILE, trainer.tokenizer, proxy, trainer.omegas, codec.soft)
-    prefix_figure(codec, val, out / "prefixes.png", device)
-    write_history(out / HISTORY, trainer.history)
-    ctx.write_config(out, omegas=list(trainer.omegas), grid_size=tok_cfg.grid_size, image_size=tok_cfg.image_size,
-                     in_channels=tok_cfg.in_channels, proxy_codebook_size=tok_cfg.proxy_codebook_size)
+    with atomic_path(out, directory=True) as tmp:  # the whole folder or nothing
+        save_tokenizer(tmp / TOKENIZER_FILE, trainer.tokenizer, proxy, trainer.omegas, codec.soft)
+        prefix_figure(codec, val, tmp / "prefixes.png", device)
+        write_history(tmp / HISTORY, trainer.history.rows)
+        ctx.write_config(tmp, omegas=list(trainer.omegas), grid_size=tok_cfg.grid_size,
+                         image_size=tok_cfg.image_size, in_channels=tok_cfg.in_channels,
+                         proxy_codebook_size=tok_cfg.proxy_codebook_size)
     for name in ("prefixes.png", HISTORY, CONFIG):
         ctx.tracker.log_artifact(out / name)
     if ctx.params.tracking.log_checkpoints:

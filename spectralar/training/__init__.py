@@ -15,6 +15,7 @@ from spectralar.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
     seed_everything,
+    sorted_checkpoints,
     step_generator,
 )
 from spectralar.training.codebook import DeadCodeRestarts
@@ -31,6 +32,7 @@ from spectralar.training.distributed import (
 )
 from spectralar.training.ema import EMA
 from spectralar.training.meter import (
+    HistoryRows,
     Throughput,
     mfu,
     model_flops_per_sample,
@@ -43,6 +45,7 @@ from spectralar.training.optim import build_adamw, lr_at, parameter_groups, set_
 
 __all__ = [
     "EMA",
+    "HistoryRows",
     "DeadCodeRestarts",
     "DistributedContext",
     "NonFiniteLossError",
@@ -70,6 +73,7 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "set_lr",
+    "sorted_checkpoints",
     "step_generator",
     "synchronize",
     "transformer_flops_per_token",

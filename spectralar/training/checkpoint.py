@@ -32,6 +32,8 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from spectralar.io import ArtifactError
+
 logger = logging.getLogger("spectralar")
 
 PathLike = Union[str, os.PathLike]
@@ -87,6 +89,7 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # like every other output (NamedTemporaryFile makes 0600)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -113,9 +116,13 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated, zeroed or foreign bytes: torch's zip/pickle errors vary
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ArtifactError(f"{path}: unreadable ({path.stat().st_size} bytes; {reason})") from err
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a dict checkpoint")
+        raise ArtifactError(f"{path}: does not hold a dict checkpoint")
     return state
 
 
@@ -129,7 +136,8 @@ def _natural_key(path: Path) -> tuple[tuple[int, ...], str]:
     return tuple(int(number) for number in re.findall(r"\d+", path.name)), path.name
 
 
-def _sorted_checkpoints(directory: PathLike, pattern: str) -> list[Path]:
+def sorted_checkpoints(directory: PathLike, pattern: str = "step_*.pt") -> list[Path]:
+    """The checkpoints in ``directory``, oldest step first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -138,7 +146,7 @@ def _sorted_checkpoints(directory: PathLike, pattern: str) -> list[Path]:
 
 def latest_checkpoint(directory: PathLike, pattern: str = "step_*.pt") -> Optional[Path]:
     """The checkpoint with the highest step number in its name, or None if there is none."""
-    checkpoints = _sorted_checkpoints(directory, pattern)
+    checkpoints = sorted_checkpoints(directory, pattern)
     return checkpoints[-1] if checkpoints else None
 
 
@@ -146,7 +154,7 @@ def prune_checkpoints(directory: PathLike, keep: int, pattern: str = "step_*.pt"
     """Delete all but the ``keep`` newest checkpoints matching ``pattern``; return the deleted."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the resume point), got {keep}")
-    doomed = _sorted_checkpoints(directory, pattern)[:-keep]
+    doomed = sorted_checkpoints(directory, pattern)[:-keep]
     for path in doomed:
         path.unlink()
         logger.debug("pruned checkpoint %s", path)

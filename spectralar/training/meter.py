@@ -220,3 +220,21 @@ def progress(
     if enabled and sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
     return _LoggedProgress(iterable, total, desc, log_every, enabled)
+
+
+class HistoryRows:
+    """The rows a training loop logs (its history.csv), checkpointed with the model so that a resumed
+    run writes the same history as an uninterrupted one. Rows hold results only (losses, lr, grad
+    norms): wall-clock rates go to the log and MLflow, never into a history a rerun must reproduce."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.rows.append(dict(row))
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [dict(row) for row in state["rows"]]
