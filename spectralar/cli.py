@@ -136,6 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as err:
         get_logger().error("%s", err)
         return 2
+    except OSError as err:  # the machine, not the code: a full disk, a read-only folder, a missing permission
+        get_logger().error("%s (%s)", err, type(err).__name__)
+        return 2
     return 0
 
 

@@ -63,7 +63,7 @@ def load_split(directory: str | Path, split: str, resolution: int) -> tuple[np.n
     images = read_idx(directory / images_name, _IMAGE_MAGIC)  # (n, 28, 28)
     labels = read_idx(directory / labels_name, _LABEL_MAGIC).astype(np.int64)  # (n,)
     if len(images) != len(labels):
-        raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels in split {split}")
+        raise ArtifactError(f"{directory}: {len(images)} images but {len(labels)} labels in split {split}")
     size = images.shape[1]
     if resolution < size:
         raise ValueError(f"data.resolution={resolution} is smaller than the {size}x{size} Fashion-MNIST images")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from spectralar.io import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,14 @@ def scan(root: str | Path, max_per_class: Optional[int] = None) -> tuple[list[st
     train_root = root / "train" if (root / "train").is_dir() else root
     classes = _class_dirs(train_root)
     if not classes:
-        raise ValueError(f"{train_root}: no class folders found (expected {train_root}/<class>/<images>)")
+        raise ArtifactError(f"{train_root}: no class folders found (expected {train_root}/<class>/<images>)")
     names = [c.name for c in classes]
     index = {name: k for k, name in enumerate(names)}
     splits: dict[str, list[Sample]] = {"train": []}
     for k, directory in enumerate(classes):
         files = _files(directory)
         if not files:
-            raise ValueError(f"{directory}: empty class folder (class {directory.name!r} has no files)")
+            raise ArtifactError(f"{directory}: empty class folder (class {directory.name!r} has no files)")
         splits["train"] += [Sample(str(f), k) for f in files[:max_per_class]]
     val_root = root / "val"
     if train_root != root and val_root.is_dir():
@@ -74,10 +75,10 @@ def _scan_val(root: Path, val_root: Path, index: dict[str, int], max_per_class: 
     if class_dirs:
         for directory in class_dirs:
             if directory.name not in index:
-                raise ValueError(f"{directory}: validation class {directory.name!r} is not a training class")
+                raise ArtifactError(f"{directory}: validation class {directory.name!r} is not a training class")
             files = _files(directory)
             if not files:
-                raise ValueError(f"{directory}: empty class folder")
+                raise ArtifactError(f"{directory}: empty class folder")
             samples += [Sample(str(f), index[directory.name]) for f in files[:max_per_class]]
         return samples
     csv_path = next((p for p in (root / "LOC_val_solution.csv", val_root / "LOC_val_solution.csv") if p.is_file()), None)

@@ -19,7 +19,7 @@ from spectralar.config import DataConfig
 from spectralar.data import fashion_mnist, imagefolder
 from spectralar.data.shards import MANIFEST
 from spectralar.data.writer import ShardWriter
-from spectralar.io import atomic_path, sha256_file, write_json
+from spectralar.io import ArtifactError, atomic_path, sha256_file, write_json
 from spectralar.log import progress
 
 
@@ -121,9 +121,9 @@ def prepare_imagefolder(cfg: DataConfig, out: Path, log) -> dict:
     for split, entry in splits.items():
         empty = [name for name, n in entry["per_class"].items() if n == 0]
         if split == "train" and empty:
-            raise ValueError(_no_training_image(empty[0], skipped))
+            raise ArtifactError(_no_training_image(empty[0], skipped))
         if split == "train" and entry["count"] == 0:
-            raise ValueError(f"{cfg.imagefolder_root}: no readable images")
+            raise ArtifactError(f"{cfg.imagefolder_root}: no readable images")
     shape = (cfg.resolution, cfg.resolution, 3)
     return _manifest(cfg, class_names, shape, splits, skipped, {"root": str(root)})
 
