@@ -264,6 +264,52 @@ def test_evaluate_does_not_depend_on_training_code():
                 and d != "spectralar/stages/evaluate.py"], deps
 
 
+def _workflow_copy(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("Snakefile", "dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, project / name)
+    for name in ("workflow", "configs", "spectralar"):  # the package's code is an input of every rule
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return project
+
+
+def _shell_commands(result: subprocess.CompletedProcess) -> dict[str, str]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = re.findall(r"^\s*(?:Shell command: )?(python -m spectralar (\w+) .*)$", result.stdout, re.M)
+    return {stage: command for command, stage in commands}
+
+
+def test_snakemake_config_overrides_change_what_runs(tmp_path):
+    """--config and --configfile are honoured: the commands read the resolved, validated params file."""
+    project = _workflow_copy(tmp_path)
+    plain = _shell_commands(_run(project, "snakemake", "-n", "-p", "--forceall", "--cores", "1"))
+    assert "--params params.yaml " in plain["train_generator"]
+    assert not (project / "runs" / "params").exists()  # no override: nothing resolved
+
+    overridden = _shell_commands(_run(project, "snakemake", "-n", "-p", "--forceall", "--cores", "1",
+                                      "--config", 'generator={"depth": 6}'))
+    assert set(overridden) == set(plain)
+    for stage, command in overridden.items():
+        assert command == plain[stage].replace("--params params.yaml", "--params runs/params/snakemake.yaml")
+    from spectralar.config import load_params
+
+    resolved = load_params(project / "runs" / "params" / "snakemake.yaml")
+    assert resolved.generator.depth == 6 and resolved.generator.mlp_ratio == load_params(REPO / "params.yaml").generator.mlp_ratio
+
+    _shell_commands(_run(project, "snakemake", "-n", "-p", "--forceall", "--cores", "1",
+                         "--configfile", "configs/imagenet-d16.yaml"))
+    resolved = load_params(project / "runs" / "params" / "snakemake.yaml")
+    assert resolved.data.source == "imagefolder" and resolved.generator.depth == 16
+
+
+def test_snakemake_refuses_an_invalid_override_with_the_key(tmp_path):
+    project = _workflow_copy(tmp_path)
+    result = _run(project, "snakemake", "-n", "--cores", "1", "--config", 'generator={"depth": "six"}')
+    assert result.returncode != 0
+    assert "generator.depth: expected int, got 'six'" in result.stdout + result.stderr
+
+
 TOY_COMMAND = ("python -c \"import sys; from pathlib import Path; Path(sys.argv[-3]).mkdir(); "
                "Path(sys.argv[-1]).write_text(sys.argv[-3])\" {inputs}--out out/{name} --metrics metrics/{name}.json")
 
@@ -479,9 +525,9 @@ def snakemake_project(tmp_path_factory):
     return project
 
 
-def _jobs(project: Path) -> set[str]:
+def _jobs(project: Path, *extra: str) -> set[str]:
     """Rules a dry run would execute."""
-    result = _run(project, "snakemake", "-n", "--cores", "1")
+    result = _run(project, "snakemake", "-n", "--cores", "1", *extra)
     assert result.returncode == 0, result.stdout + result.stderr
     return set(re.findall(r"^rule (\w+):", result.stdout, re.M)) - {"all"}
 
@@ -501,6 +547,9 @@ def test_snakemake_rerun_does_nothing_and_a_generator_change_reruns_only_what_fo
     assert _jobs(snakemake_project) == GENERATOR_AND_AFTER
     _set_params(snakemake_project, {"generator.depth": 1})
     assert _jobs(snakemake_project) == set()
+    # the same change given to Snakemake instead of written into params.yaml reruns the same stages
+    assert _jobs(snakemake_project, "--config", 'generator={"depth": 2}') == GENERATOR_AND_AFTER
+    assert _jobs(snakemake_project, "--config", 'generator={"depth": 1}') == set()  # = params.yaml
 
 
 @pytest.mark.slow

@@ -2,12 +2,69 @@
 # (spectralar/dag.py reads it); GPU use comes from the stage table of spectralar/stages/__init__.py.
 import os
 
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from spectralar.config import ConfigError, load_params
 from spectralar.dag import command_paths, final_outputs, is_directory, load_dag, stage_inputs, stage_outputs
 from spectralar.stages import GPU_STAGES
 from spectralar.sweep import NOT_SWEPT, RowPlan, sweep_rows
 
 
 PIPELINE = load_dag("dvc.yaml")  # stage name -> StageSpec (`DAG` would shadow Snakemake's own class)
+
+# Snakemake's configuration is params.yaml, then any --configfile, then any --config overrides (later
+# wins, key by key). Every stage reads one params file: when the resolved configuration differs from
+# params.yaml, it is written to runs/params/snakemake.yaml, checked by the strict loader, and the
+# commands read that file instead. The rules' params sections rerun exactly the stages whose sections
+# changed, and what follows them (stages.smk). dvc.yaml and DVC keep reading params.yaml.
+PARAMS_FILE = "params.yaml"
+RESOLVED_FILE = "runs/params/snakemake.yaml"
+
+
+def _typed(value, base):
+    """--config hands nested values over as strings (``generator={"depth": 6}`` gives "6"): read
+    every changed string as YAML, as params.yaml's own values are read."""
+    if isinstance(value, dict):
+        base = base if isinstance(base, dict) else {}
+        return {key: _typed(item, base.get(key)) for key, item in value.items()}
+    if isinstance(value, str) and value != base:
+        parsed = yaml.safe_load(value) if value.strip() else value
+        return value if parsed is None else parsed
+    return value
+
+
+def resolved_params_file(config):
+    """The params file the stages read: params.yaml, or the resolved configuration written out.
+    Snakemake's ``config`` is updated in place with the typed values."""
+    with open(PARAMS_FILE) as handle:
+        base = yaml.safe_load(handle)
+    resolved = _typed(dict(config), base)
+    config.update(resolved)
+    if resolved == base:
+        return PARAMS_FILE
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    os.makedirs(os.path.dirname(RESOLVED_FILE), exist_ok=True)
+    with open(f"{RESOLVED_FILE}.tmp", "w") as handle:
+        handle.write(text)
+    try:
+        load_params(f"{RESOLVED_FILE}.tmp")
+    except ConfigError as err:
+        raise WorkflowError(f"the configuration (params.yaml + --configfile + --config) is not valid: {err}")
+    os.replace(f"{RESOLVED_FILE}.tmp", RESOLVED_FILE)
+    return RESOLVED_FILE
+
+
+RESOLVED_PARAMS = resolved_params_file(config)
+
+
+def stage_command(spec):
+    """dvc.yaml's command, reading the resolved params file."""
+    if RESOLVED_PARAMS == PARAMS_FILE:
+        return spec.cmd
+    if f"--params {PARAMS_FILE}" not in spec.cmd:
+        raise WorkflowError(f"{spec.name}: its dvc.yaml command does not pass --params {PARAMS_FILE}")
+    return spec.cmd.replace(f"--params {PARAMS_FILE}", f"--params {RESOLVED_PARAMS}")
 
 # The stages run torch/numpy on all the cores they are given: a job asks for them all (Snakemake caps
 # this at --cores), so two 2-thread jobs never share 2 cores (oversubscribed OpenMP threads ran

@@ -24,6 +24,7 @@ for _stage, _spec in PIPELINE.items():
         params:
             sections=lambda w, stage=_stage: sweep_plan(w).sections(stage),
             command=lambda w, stage=_stage: sweep_plan(w).command(stage),
+            base=RESOLVED_PARAMS,
         threads: STAGE_THREADS
         resources:
             gpu=gpus(_stage),
@@ -32,7 +33,8 @@ for _stage, _spec in PIPELINE.items():
         log:
             f"logs/{{sweep}}/{{row}}/{_stage}.log",
         shell:
-            "python -m spectralar.sweep params {wildcards.sweep} {wildcards.row} > {log} && {params.command} 2>> {log}"
+            "python -m spectralar.sweep --params {params.base} params {wildcards.sweep} {wildcards.row} > {log} "
+            "&& {params.command} 2>> {log}"
 
 
 rule sweep_table:
@@ -42,12 +44,13 @@ rule sweep_table:
         SWEEP_TABLE,
     params:
         rows=lambda w: sweep_rows(config, w.sweep),
+        base=RESOLVED_PARAMS,
     conda:
         "../envs/spectralar.yaml"
     log:
         "logs/{sweep}/table.log",
     shell:
-        "python -m spectralar.sweep table {wildcards.sweep} --out {output} > {log} 2>&1"
+        "python -m spectralar.sweep --params {params.base} table {wildcards.sweep} --out {output} > {log} 2>&1"
 
 
 rule ablation:
