@@ -19,12 +19,25 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (as logging's own last-resort handler
+    does), so a handler made once never writes to a stream that was swapped out and closed."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO, log_file: Optional[str] = None) -> None:
     root = logging.getLogger(LOGGER_NAME)
     root.setLevel(level)
     root.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = _CurrentStderr()
     stream.setFormatter(fmt)
     root.addHandler(stream)
     if log_file:

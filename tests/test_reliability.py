@@ -194,3 +194,40 @@ def test_a_second_writer_of_the_same_stage_is_refused(project):
 def test_lock_files_are_ignored_by_git_and_dvc():
     assert "/.spectralar/" in (REPO / ".gitignore").read_text()
     assert ".spectralar/" in (REPO / ".dvcignore").read_text()
+
+
+def test_a_truncated_model_file_stops_the_next_stage_with_its_name(project, capfd):
+    from spectralar.cli import main
+
+    project.run_all()
+    model = project.root / "tokenizer" / "tokenizer.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    argv = ["dump_tokens", "--params", project.params, "--metrics", project.root / "dump_tokens.json",
+            "--data", project.root / "prepared", "--tokenizer", model, "--out", project.root / "tokens"]
+    capfd.readouterr()  # only what the failing command prints
+    assert main([str(a) for a in argv]) == 2
+    err = capfd.readouterr().err
+    assert f"{model}: unreadable" in err and "Traceback" not in err
+    assert not (project.root / "tokens").exists()
+
+
+def test_a_full_disk_is_one_clear_line_and_leaves_the_earlier_output(project, monkeypatch, capfd):
+    import errno
+
+    from spectralar.cli import main
+
+    project.run("prepare")
+    before = sorted(p.name for p in (project.root / "prepared").rglob("*"))
+    real_save = np.save
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    capfd.readouterr()  # only what the failing command prints
+    assert main([str(a) for a in project.argv("prepare")]) == 2
+    monkeypatch.setattr(np, "save", real_save)
+    err = capfd.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert sorted(p.name for p in (project.root / "prepared").rglob("*")) == before  # the old output intact
+    assert not temporary_siblings(project.root / "prepared")  # and no temporary left
