@@ -16,7 +16,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from spectralar.config import ConfigError, load_params
-from spectralar.io import ArtifactError, write_json
+from spectralar.io import ArtifactError, split_telemetry, timing_file, write_json
 from spectralar.log import get_logger, setup_logging
 from spectralar.stages import STAGE_TABLE, load_stage, stage_info
 from spectralar.stages.context import StageBusyError, StageContext, pipeline_tags, remove_stale_outputs, stage_lock
@@ -76,7 +76,9 @@ def run_stage(name: str, args: argparse.Namespace) -> dict:
         metrics = dict(module.run(ctx))
         metrics["stage_seconds"] = round(time.perf_counter() - start, 3)
         if main_rank:
-            write_json(args.metrics, metrics)
+            results, telemetry = split_telemetry(metrics)
+            write_json(args.metrics, results)  # what a rerun reproduces
+            write_json(timing_file(args.metrics), telemetry)  # timings and rates, git-ignored
             tracker.log_metrics(metrics)
             tracker.log_artifact(args.metrics)
     if main_rank:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -202,3 +203,26 @@ def sha256_bytes(data: bytes | memoryview | np.ndarray) -> str:
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data).tobytes()
     return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Results and telemetry
+# ------------------------------------------------------------------------------------------------
+
+# Timings, throughputs and resume points differ from one run, machine or load to the next: they are
+# telemetry, kept out of the metrics files (results a rerun reproduces) and written beside them to
+# ``<stage>.timing.json``, which git ignores; MLflow records both.
+TELEMETRY = re.compile(r"(_seconds|_per_second|_per_s|_per_second_[a-z_]+|_speedup)$|^mfu$|^resumed_from_")
+TIMING_SUFFIX = ".timing.json"
+
+
+def split_telemetry(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results, telemetry) of a stage's metrics."""
+    telemetry = {key: value for key, value in metrics.items() if TELEMETRY.search(key)}
+    return {key: value for key, value in metrics.items() if key not in telemetry}, telemetry
+
+
+def timing_file(metrics_file: str | Path) -> Path:
+    """``metrics/<stage>.json`` -> ``metrics/<stage>.timing.json``."""
+    path = Path(metrics_file)
+    return path.with_name(path.name[: -len(path.suffix)] + TIMING_SUFFIX if path.suffix else path.name + TIMING_SUFFIX)

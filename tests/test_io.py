@@ -34,3 +34,17 @@ def test_json_is_deterministic(tmp_path):
     write_json(tmp_path / "a.json", {"b": 1, "a": [1.5, None]})
     write_json(tmp_path / "b.json", {"a": [1.5, None], "b": 1})
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_metrics_hold_results_and_telemetry_goes_beside_them():
+    from spectralar.io import split_telemetry, timing_file
+
+    metrics = {"fid": 12.5, "psnr_prefix": [30.0], "steps": 600, "stage_seconds": 3.2, "train_seconds": 2.0,
+               "images_per_second": 90.0, "decode_images_per_second": 80.0, "tokens_per_second": 1e4, "mfu": None,
+               "resumed_from_step": 3, "images_per_second_kv_cache": 5.0, "kv_cache_speedup": 4.0,
+               "num_samples": 1000, "eval_images": 500}
+    results, telemetry = split_telemetry(metrics)
+    assert results == {"fid": 12.5, "psnr_prefix": [30.0], "steps": 600, "num_samples": 1000, "eval_images": 500}
+    assert set(telemetry) == set(metrics) - set(results)
+    assert timing_file("metrics/evaluate.json").as_posix() == "metrics/evaluate.timing.json"
+    assert timing_file("runs/ablation/baseline/metrics/sample.json").name == "sample.timing.json"
