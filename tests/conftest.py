@@ -16,12 +16,40 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads made
 # small torch/numpy ops 10-75x slower. Set before torch is imported by any test module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tracking off for the whole session, module- and session-scoped fixtures included (the per-test
+# fixture below cannot reach those); tests that track opt back in with a store of their own.
+os.environ["SPECTRALAR_TRACKING"] = "0"
 
 
 @pytest.fixture(autouse=True)
 def _no_tracking_by_default(monkeypatch):
     """Tests do not write to the repository's mlflow.db; tracking tests opt back in."""
     monkeypatch.setenv("SPECTRALAR_TRACKING", "0")
+
+
+REPO_STORES = ("mlflow.db", "mlartifacts", "mlruns")
+
+
+def _store_state() -> dict[str, object]:
+    """Size and modification time of every file of the repository's MLflow store."""
+    state: dict[str, object] = {}
+    for name in REPO_STORES:
+        path = REPO / name
+        for file in ([path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []):
+            if file.is_file():
+                stat = file.stat()
+                state[str(file.relative_to(REPO))] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _repository_store_untouched():
+    """Guard: the suite fails if any test wrote to the repository's own MLflow store (tests that
+    track use a store of their own, under their temporary directory)."""
+    before = _store_state()
+    yield
+    after = _store_state()
+    assert after == before, f"the test suite wrote to the repository's MLflow store: {sorted(set(after.items()) ^ set(before.items()))}"
 
 
 @pytest.fixture
