@@ -250,7 +250,7 @@ def test_proxy_and_tokenizer_workers_reproduce_their_stages(project):
     config = tokenizer_config_for(params.tokenizer, train.image_shape, proxy.config.codebook_size)
     trainer = Trainer(config, params.train_tokenizer, train, proxy, root / "codes", torch.device("cpu"), seed=seed)
     trainer.fit()
-    assert [row["step"] for row in trainer.history][-1] == trainer.total
+    assert [row["step"] for row in trainer.history.rows][-1] == trainer.total
     project.run("train_tokenizer")
     saved = load_model_file(root / "tokenizer" / "tokenizer.pt", "tokenizer")["weights"]["tokenizer"]
     assert _same_weights(saved, trainer.tokenizer)
