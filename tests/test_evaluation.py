@@ -351,6 +351,8 @@ def test_domain_extractor_in_memory_and_from_checkpoint(toy_domain_net, tmp_path
     torch.testing.assert_close(by_one["features"], by_key["features"][:5], atol=1e-5, rtol=0)
 
     save_domain_net(model, str(tmp_path / "domain.pt"))
+    save_domain_net(model, str(tmp_path / "again.pt"))  # the same model, another file: the same bytes
+    assert (tmp_path / "domain.pt").read_bytes() == (tmp_path / "again.pt").read_bytes()
     checkpoint = {"feature_extractor_weights_path": str(tmp_path / "domain.pt")}
     from_file = extract_features(val_images, DOMAIN_NAME, checkpoint)
     torch.testing.assert_close(from_file["features"], by_key["features"])

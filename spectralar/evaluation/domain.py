@@ -241,8 +241,10 @@ def save_domain_net(model: DomainNet, path: str) -> None:
     from spectralar.io import atomic_path
 
     payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # through a file handle: torch.save names the zip records after a *path* it is given, which here
+    # is a random temporary name, so the bytes would differ on every run
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_domain_net(path: str, map_location: str | torch.device = "cpu") -> DomainNet:
