@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup data repro test lint snakemake clean-outputs use-config
+.PHONY: test-paper setup data repro test lint snakemake clean-outputs use-config gpu-check
 
 setup: $(STAMP) data
 
@@ -40,8 +40,18 @@ snakemake: setup
 test: setup
 	$(PY) -m pytest -q
 
+test-paper: setup  # the paper configs end to end (every architecture at its paper size), ~17 min on 2 cores
+	$(PY) -m pytest -q -m paper tests/test_paper_e2e.py
+
 lint: setup
 	snakemake --lint
+
+# On a GPU machine, in at most 8 minutes: the CUDA-marked tests, bf16 throughput and MFU at the paper's sizes,
+# the default pipeline on CUDA, an NCCL DDP step (README "Device check"). No set-up prerequisite: a GPU
+# machine without network runs it with the Python that has the pins, `make gpu-check PY=python3`.
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check:
+	$(PY) -m spectralar.gpu_check --out $(GPU_CHECK_OUT)
 
 # Switch the pipeline to another complete params file (configs/README.md): validate it with the strict
 # loader, then copy it over params.yaml, the file DVC and Snakemake read. `git checkout params.yaml` goes back.

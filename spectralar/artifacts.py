@@ -27,7 +27,8 @@ import torch
 
 from spectralar.config import ConfigError
 from spectralar.data.shards import MANIFEST
-from spectralar.io import ArtifactError, open_npz, read_json, read_npy, rerun_hint, write_text
+from spectralar.io import ArtifactError, array_record, check_array, open_npz, read_json, read_npy, rerun_hint, \
+    write_text
 from spectralar.training import load_checkpoint, save_checkpoint
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +80,12 @@ def tokenizer_config_for(section, image_shape: tuple[int, int, int], proxy_codeb
     values = {"image_size": height, "in_channels": channels}
     if proxy_codebook_size is not None:
         values["proxy_codebook_size"] = proxy_codebook_size
-    return _complete(section, "tokenizer", source, **values)
+    config = _complete(section, "tokenizer", source, **values)
+    try:
+        config.omegas  # the ω schedule of N tokens must exist at this image size
+    except ValueError as err:
+        raise ConfigError(f"tokenizer.num_tokens: {err} (image size {height} from {source})") from err
+    return config
 
 
 def generator_config_for(section, token_manifest: Mapping[str, Any], source: str = "the token dump's manifest"):
@@ -186,23 +192,32 @@ def load_generator(path: str | Path, device: torch.device | str):
 # ------------------------------------------------------------------------------------------------
 
 def load_proxy_codes(directory: str | Path) -> tuple[dict, Optional[np.ndarray]]:
-    """(manifest, table memmap or None in online mode) of an extract_proxy_codes output."""
+    """(manifest, table memmap or None in online mode) of an extract_proxy_codes output, checked
+    against the manifest's record of the table (shape, dtype, size, sha256: :func:`check_array`)."""
     rerun = rerun_hint("extract_proxy_codes", directory)
-    manifest = read_json(Path(directory) / MANIFEST, rerun)
+    manifest_path = Path(directory) / MANIFEST
+    manifest = read_json(manifest_path, rerun)
     if manifest["mode"] == "online":
         return manifest, None
-    return manifest, read_npy(Path(directory) / PROXY_CODES_TABLE, mmap=True, rerun=rerun)
+    table = read_npy(Path(directory) / PROXY_CODES_TABLE, mmap=True, rerun=rerun)
+    check_array(Path(directory) / PROXY_CODES_TABLE, table, manifest.get("files", {}).get(PROXY_CODES_TABLE),
+                manifest_path, rerun)
+    return manifest, table
 
 
 def _labels_name(split: str) -> str:
     return "labels.npy" if split == "train" else f"{split}_labels.npy"
 
 
-def write_tokens(directory: str | Path, split: str, ids: np.ndarray, labels: np.ndarray) -> None:
-    """One split of a token dump: ids uint16 (images, N) and labels int64."""
+def write_tokens(directory: str | Path, split: str, ids: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
+    """One split of a token dump: ids uint16 (images, N) and labels int64. Returns {file name: record}
+    for the manifest's ``files`` (shape, dtype, size, sha256), which :func:`load_tokens` checks."""
     directory = Path(directory)
-    np.save(directory / f"{split}.npy", ids, allow_pickle=False)
-    np.save(directory / _labels_name(split), labels.astype(np.int64), allow_pickle=False)
+    records = {}
+    for name, array in ((f"{split}.npy", ids), (_labels_name(split), labels.astype(np.int64))):
+        np.save(directory / name, array, allow_pickle=False)
+        records[name] = array_record(directory / name, array)
+    return records
 
 
 def load_tokens(directory: str | Path, split: str = "train") -> tuple[dict, np.ndarray, np.ndarray]:
@@ -212,8 +227,13 @@ def load_tokens(directory: str | Path, split: str = "train") -> tuple[dict, np.n
         raise FileNotFoundError(f"{directory / MANIFEST} not found: run the dump_tokens stage first")
     rerun = rerun_hint("dump_tokens", directory)
     manifest = read_json(directory / MANIFEST, rerun)
-    return (manifest, read_npy(directory / f"{split}.npy", rerun=rerun),
-            read_npy(directory / _labels_name(split), rerun=rerun))
+    arrays = []
+    for name in (f"{split}.npy", _labels_name(split)):
+        array = read_npy(directory / name, rerun=rerun)
+        check_array(directory / name, array, manifest.get("files", {}).get(name), directory / MANIFEST, rerun)
+        arrays.append(array)
+    ids, labels = arrays
+    return manifest, ids, labels
 
 
 def write_history(path: str | Path, rows: list[dict]) -> None:

@@ -3,8 +3,15 @@
   tokenizer  training images/s and model FLOPs utilisation of a tokenizer stage-1 step (forward,
              backward, AdamW) for the default config or TiTok-B64 (--config b64), on a device
   generator  training tokens/s and MFU of the generator (forward, backward, AdamW on random tokens) and
-             sampling images/s with and without the KV cache, for the default config or the paper's
-             d16 / d20 / d24 / d16-p4 (--config), on a device
+             sampling images/s: the KV-cached sampler, full recompute and the floor (one teacher-forced
+             forward of the whole sequence over the same rows), for the default config or the paper's
+             d16 / d20 / d24 / d16-p4 (--config) and a width-512, depth-8, 64-token variant of it, at
+             1 and 2 CPU threads (--threads), on a device
+  tokenizer-quality
+             where a trained tokenizer's reconstruction quality goes: every prefix against its target I'_i
+             and the image, beside the DCT ceiling, the equal-bits PCA code and the proxy's ceiling, plus
+             codebook usage, the reconstructions' class accuracy and rFID under the domain classifier
+             (the same computation as the evaluate stage's reconstruction table)
   read   prepare throughput and shard read throughput for JPEG shards at a given resolution, on a
          synthetic photo-like ImageFolder (or an existing prepared dataset with --data), plus the
          bytes per image and the extrapolated size of ImageNet's 1,281,167 training images.
@@ -15,10 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -131,8 +139,11 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
 
     def step() -> None:
         with autocast(device, True):
-            logits, _, vq = model(x, prefix)
-        loss = torch.nn.functional.cross_entropy(logits.float(), codes) + vq
+            output, _, vq = model(x, prefix)
+        if cfg.decoder_head == "pixels":  # stage 1 regresses the pixels of I'_i (the target's cost is negligible)
+            loss = torch.nn.functional.mse_loss(output.float(), x) + vq
+        else:
+            loss = torch.nn.functional.cross_entropy(output.float(), codes) + vq
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -212,59 +223,148 @@ def generator_training(config, device: str | torch.device = "cpu", batch: int = 
 
 
 
-def generator_sampling(config, device: str | torch.device = "cpu", batch: int = 64,
-                       repeats: int = 2, cfg_scale: float = 1.5) -> dict:
-    """Generation images/s of a randomly initialised generator with and without the KV cache."""
+def _best_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls: on a shared machine the minimum is the least disturbed."""
+    from spectralar.training import synchronize
+
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        begin = time.perf_counter()
+        run()
+        synchronize(device)
+        best = min(best, time.perf_counter() - begin)
+    return best
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def generator_sampling(config, device: str | torch.device = "cpu", batch: int = 64, repeats: int = 2,
+                       cfg_scale: float = 1.5, recompute_repeats: int = 1) -> dict:
+    """Sampling images/s of a randomly initialised generator (speed does not depend on the weights):
+
+    kv_cache   ``generate`` as the sample stage runs it (KV cache, CFG on one doubled batch);
+    no_cache   ``generate`` recomputing the whole prefix at every step (the reference path);
+    floor      one teacher-forced forward of the whole sequence over the same rows (2 x batch with
+               CFG): the same matmuls in one pass, what step-by-step sampling can at best approach.
+
+    The cached sampler and the floor are warmed up and then timed alternately (best of ``repeats``),
+    so both see the same load; full recompute, N/k times slower, is timed ``recompute_repeats`` times.
+    """
     from spectralar.models.generator import SpectralGPT
     from spectralar.models.sampling import cyclic_labels, generate
-    from spectralar.training import synchronize
 
     device = torch.device(device)
     torch.manual_seed(0)
     model = SpectralGPT(config).to(device).eval()
-    labels = cyclic_labels(config.num_classes, -(-batch // config.num_classes))[:batch].to(device)
-    result: dict = {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
-                    "parameters": sum(p.numel() for p in model.parameters())}
-    for cached in (True, False):
+    labels_B = cyclic_labels(config.num_classes, -(-batch // config.num_classes))[:batch].to(device)
+    rows_R = torch.cat((labels_B, torch.full_like(labels_B, model.null_class))) if cfg_scale else labels_B
+    ids_RT = torch.randint(0, config.vocab_size, (rows_R.shape[0], config.num_tokens - config.tokens_per_step),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sample(cached: bool) -> Callable[[], object]:
         generator = torch.Generator(device).manual_seed(0)
-        generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)  # warm-up
-        synchronize(device)
-        begin = time.perf_counter()
-        for _ in range(repeats):
-            generate(model, labels, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)
-        synchronize(device)
-        rate = batch * repeats / (time.perf_counter() - begin)
-        result["images_per_second_" + ("kv_cache" if cached else "no_cache")] = round(rate, 1)
-    result["kv_cache_speedup"] = round(result["images_per_second_kv_cache"] / result["images_per_second_no_cache"], 2)
-    return result
+        return lambda: generate(model, labels_B, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)
+
+    @torch.no_grad()
+    def floor() -> None:
+        model.logits_from_prefix(model.class_condition(rows_R), ids_RT)
+
+    cached = sample(True)
+    seconds = {"kv_cache": math.inf, "floor": math.inf}
+    for run in (cached, floor):  # warm-up
+        run()
+    for _ in range(repeats):
+        seconds["kv_cache"] = min(seconds["kv_cache"], _best_seconds(cached, device, 1))
+        seconds["floor"] = min(seconds["floor"], _best_seconds(floor, device, 1))
+    seconds["no_cache"] = _best_seconds(sample(False), device, recompute_repeats)
+    rate = {name: batch / value for name, value in seconds.items()}
+    return {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
+            "width": config.resolved_width, "depth": config.depth,
+            "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+            "images_per_second_kv_cache": _significant(rate["kv_cache"]),
+            "images_per_second_no_cache": _significant(rate["no_cache"]),
+            "images_per_second_floor": _significant(rate["floor"]),
+            "kv_cache_speedup": round(rate["kv_cache"] / rate["no_cache"], 2),
+            "kv_cache_over_floor": round(rate["kv_cache"] / rate["floor"], 3)}
+
+
+# Sampling sizes: the chosen config, and a wider, deeper variant at the paper's 64 tokens (nearer the
+# ImageNet configs, at a size a CPU samples in seconds); each with its default images per sampling call.
+SAMPLING_SIZES: dict[str, tuple[dict, int]] = {
+    "config": ({}, 100),
+    "w512-d8-n64": ({"width": 512, "depth": 8, "num_tokens": 64}, 50),
+}
+SAMPLING_COLUMNS = ("size", "threads", "batch", "parameters", "images_per_second_kv_cache",
+                    "images_per_second_no_cache", "images_per_second_floor", "kv_cache_over_floor")
+
+
+def _generator_config(args: argparse.Namespace):
+    from spectralar.models.generator import GeneratorConfig
+
+    cfg = _model_configs(args.params)[1] if args.config == "default" else getattr(GeneratorConfig, args.config)()
+    return dataclasses.replace(cfg, num_tokens=args.num_tokens) if args.num_tokens else cfg
 
 
 def bench_generator(args: argparse.Namespace) -> dict:
-    """Training and sampling throughput of one generator config; both from randomly initialised weights
-    (speed does not depend on the weights). The cached sampler must beat full recompute (issue 4)."""
-    from spectralar.models.generator import GeneratorConfig
+    """Training throughput of one generator config, then sampling at every size and thread count;
+    all from randomly initialised weights (speed does not depend on the weights)."""
+    from spectralar.stages.report import markdown_table
     from spectralar.training import resolve_device
 
-    if args.config == "default":
-        cfg = _model_configs(args.params)[1]
-    else:
-        cfg = getattr(GeneratorConfig, args.config)()
-    if args.num_tokens:
-        cfg = dataclasses.replace(cfg, num_tokens=args.num_tokens)
+    cfg = _generator_config(args)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    result = {"config": args.config, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "num_tokens": cfg.num_tokens,
-              "tokens_per_step": cfg.tokens_per_step}
-    train = generator_training(cfg, device, batch=args.batch, steps=args.steps, warmup=args.warmup, bf16=not args.fp32,
-                      peak=args.peak_flops)
-    result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
-                                             "tokens_per_second", "flops_per_image", "mfu")}
-    if args.sample_batch:
-        result["sample"] = generator_sampling(cfg, device, batch=args.sample_batch, repeats=args.sample_repeats)
+    threads = args.threads or ([1, 2] if device.type == "cpu" else [torch.get_num_threads()])
+    result: dict = {"config": args.config, "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "num_tokens": cfg.num_tokens, "tokens_per_step": cfg.tokens_per_step}
+    if args.steps:
+        torch.set_num_threads(max(threads))
+        train = generator_training(cfg, device, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                   bf16=not args.fp32, peak=args.peak_flops)
+        result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
+                                                 "tokens_per_second", "flops_per_image", "mfu")}
+        result["train"]["threads"] = max(threads)
+    result["sample"] = []
+    for size in args.sample_sizes:
+        overrides, default_batch = SAMPLING_SIZES[size]
+        size_cfg = dataclasses.replace(cfg, **overrides)
+        for count in threads:
+            torch.set_num_threads(count)
+            row = generator_sampling(size_cfg, device, batch=args.sample_batch or default_batch,
+                                     repeats=args.sample_repeats)
+            result["sample"].append({"size": size, **row})
+    if result["sample"]:
+        print(markdown_table(result["sample"], SAMPLING_COLUMNS))
     return result
+
+
+def bench_tokenizer_quality(args: argparse.Namespace) -> dict:
+    """The evaluate stage's reconstruction metrics for one tokenizer file, printed as a table."""
+    from spectralar.artifacts import load_codec
+    from spectralar.data.shards import ImageShards
+    from spectralar.evaluation.quality_table import quality_rows, quality_summary
+    from spectralar.stages.common import stage_device
+    from spectralar.stages.evaluate import EvaluateConfig, Scorer, reconstruction_metrics
+    from spectralar.stages.report import markdown_table
+
+    device = stage_device(args.device)
+    codec = load_codec(args.tokenizer, device)
+    val, train = ImageShards(args.data, "val"), ImageShards(args.data, "train")
+    cfg = EvaluateConfig(feature_extractor="domain", reconstruction_images=args.reconstruction_images,
+                         psnr_images=args.images, baseline_images=args.baseline_images)
+    metrics = reconstruction_metrics(Scorer(cfg, args.evalnet, device), codec, val, cfg.reconstruction_images,
+                                     cfg.psnr_images, train, cfg.baseline_images)
+    n = codec.num_tokens
+    metrics["quality_summary"] = quality_summary(metrics, compare_up_to=3 * n // 4)
+    print(markdown_table(quality_rows(metrics, codec.tokenizer.config.codebook_size)))
+    return {key: metrics[key] for key in ("quality_summary", "codebook_usage", "codebook_perplexity", "rfid",
+                                          "reconstruction_class_accuracy", "val_class_accuracy", "psnr_images",
+                                          "reconstruction_images")}
 
 
 def main() -> None:
@@ -284,22 +384,37 @@ def main() -> None:
     tok.add_argument("--batch", type=int, default=64)
     tok.add_argument("--steps", type=int, default=10)
     tok.add_argument("--warmup", type=int, default=3)
-    gen = sub.add_parser("generator", help="generator training tokens/s + MFU, sampling images/s with/without KV cache")
+    gen = sub.add_parser("generator",
+                         help="generator training tokens/s + MFU; sampling images/s: KV cache, recompute, floor")
     gen.add_argument("--config", choices=GENERATOR_CONFIGS, default="default")
     gen.add_argument("--params", default="params.yaml", help="params file for --config default")
     gen.add_argument("--num-tokens", type=int, default=0,
                      help="sequence length N instead of the config's (e.g. 64, the paper's, for the default model)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--batch", type=int, default=128, help="training batch per step")
-    gen.add_argument("--steps", type=int, default=10)
     gen.add_argument("--warmup", type=int, default=3)
     gen.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     gen.add_argument("--peak-flops", type=float, default=None,
                      help="peak FLOP/s of the device for MFU (CUDA: looked up by name when omitted)")
-    gen.add_argument("--sample-batch", type=int, default=100, help="images per sampling call (0 = skip sampling)")
-    gen.add_argument("--sample-repeats", type=int, default=2)
+    gen.add_argument("--steps", type=int, default=10, help="training steps (0 = skip training)")
+    gen.add_argument("--sample-sizes", nargs="*", choices=tuple(SAMPLING_SIZES), default=list(SAMPLING_SIZES),
+                     help="sampling sizes: the config, and a width-512, depth-8, 64-token variant (none = skip)")
+    gen.add_argument("--sample-batch", type=int, default=0,
+                     help="images per sampling call (0 = each size's default: 100 and 50)")
+    gen.add_argument("--sample-repeats", type=int, default=3, help="timed calls of the cached sampler and the floor")
+    gen.add_argument("--threads", type=int, nargs="+", default=None,
+                     help="CPU thread counts to sample at (default: 1 2 on the CPU)")
+    quality = sub.add_parser("tokenizer-quality", help="per-prefix PSNR beside DCT/PCA/proxy ceilings, usage, rFID")
+    quality.add_argument("--tokenizer", default="models/tokenizer/tokenizer.pt")
+    quality.add_argument("--data", default="data/prepared")
+    quality.add_argument("--evalnet", default="models/evalnet/evalnet.pt", help="train_evalnet's domain classifier")
+    quality.add_argument("--images", type=int, default=500, help="val images for the per-prefix table")
+    quality.add_argument("--reconstruction-images", type=int, default=1000, help="val images for rFID / accuracy")
+    quality.add_argument("--baseline-images", type=int, default=10000, help="train images the PCA is fitted on")
+    quality.add_argument("--device", default="auto")
     args = parser.parse_args()
-    runners = {"read": bench_read, "tokenizer": bench_tokenizer, "generator": bench_generator}
+    runners = {"read": bench_read, "tokenizer": bench_tokenizer, "generator": bench_generator,
+               "tokenizer-quality": bench_tokenizer_quality}
     print(json.dumps(runners[args.what](args), indent=2))
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from spectralar.config import ConfigError, load_params
+from spectralar.config import ConfigError, check_sections_together, load_params
 from spectralar.io import ArtifactError, split_telemetry, timing_file, write_json
 from spectralar.log import get_logger, setup_logging
 from spectralar.stages import STAGE_TABLE, load_stage, stage_info
@@ -66,6 +66,7 @@ def run_stage(name: str, args: argparse.Namespace) -> dict:
     module = load_stage(name)
     params = load_params(args.params)
     sections: tuple[str, ...] = stage_info(name).sections
+    check_sections_together(params, sections)
     main_rank = launch_rank() == 0
     seed_everything(params.run.seed)
     start = time.perf_counter()
@@ -79,7 +80,7 @@ def run_stage(name: str, args: argparse.Namespace) -> dict:
             results, telemetry = split_telemetry(metrics)
             write_json(args.metrics, results)  # what a rerun reproduces
             write_json(timing_file(args.metrics), telemetry)  # timings and rates, git-ignored
-            tracker.log_metrics(metrics)
+            tracker.log_results(metrics)  # metrics; constants and text as params
             tracker.log_artifact(args.metrics)
     if main_rank:
         log.info("%s done in %.1f s; metrics in %s", name, metrics["stage_seconds"], args.metrics)

@@ -6,6 +6,13 @@ key or a wrong type stops the stage before any work, with the key's full path in
 (tests, notebooks); params files must still spell every key out, so a params file is a complete
 record of a run.
 
+Values are checked where they are read, here, before any stage starts: the types by the
+annotations; the ranges by each dataclass's ``__post_init__`` through :func:`require` (one line:
+``train_tokenizer.lr: must be > 0, got -0.001``); and, for every numeric value, a floor that holds
+for all of them (no params value is negative). A key given twice in one YAML mapping is an error
+(PyYAML would keep the last silently), and values that only make sense together across sections
+(N against the image size and the ω schedule) are checked before a stage that reads them starts.
+
 Model modules define their own config dataclasses (``ProxyConfig``, ``TokenizerConfig`` ...);
 this module only knows how to build any such dataclass from YAML and which section maps to which.
 """
@@ -29,6 +36,47 @@ from spectralar.stages import STAGE_TABLE  # the light stage table: names, secti
 
 class ConfigError(ValueError):
     """A params file that does not match the schema. The message starts with the key path."""
+
+
+class FieldError(ValueError):
+    """A value that a config dataclass refuses, raised by its ``__post_init__`` (through :func:`require`).
+    The message starts with the field's name; :func:`build` prefixes the section, so the user reads
+    the full key path: ``train_tokenizer.lr: must be > 0, got -0.001``."""
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        super().__init__(f"{name}: must be {allowed}, got {value!r}")
+
+
+def _bounds_text(at_least: Any, above: Any, at_most: Any, below: Any) -> str:
+    """``>= 1``, ``> 0``, ``< 1``, ``in [0, 1)``: the allowed values, as the message states them."""
+    lower = f">= {at_least}" if at_least is not None else f"> {above}" if above is not None else ""
+    upper = f"<= {at_most}" if at_most is not None else f"< {below}" if below is not None else ""
+    if lower and upper:
+        left = f"[{at_least}" if at_least is not None else f"({above}"
+        right = f"{at_most}]" if at_most is not None else f"{below})"
+        return f"in {left}, {right}"
+    return lower or upper
+
+
+def require(obj: Any, *names: str, at_least: Any = None, above: Any = None, at_most: Any = None,
+            below: Any = None, meaning: str = "") -> None:
+    """Check that the fields ``names`` of dataclass ``obj`` lie within the given bounds.
+
+    Tuples are checked item by item (``betas[1]``) and ``None`` (a documented "derive it") is
+    skipped. ``meaning`` says what an edge value does (``0 = off``), for the message. Raises
+    :class:`FieldError` naming the first offending field, its value and what is allowed.
+    """
+    allowed = _bounds_text(at_least, above, at_most, below) + (f" ({meaning})" if meaning else "")
+    for name in names:
+        value = getattr(obj, name)
+        items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+        for index, item in items:
+            if item is None:
+                continue
+            inside = ((at_least is None or item >= at_least) and (above is None or item > above)
+                      and (at_most is None or item <= at_most) and (below is None or item < below))
+            if not inside:
+                raise FieldError(name if index is None else f"{name}[{index}]", item, allowed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,9 +194,37 @@ def build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path}.{missing[0]}: missing key")
     kwargs = {f.name: _coerce(data[f.name], hints[f.name], f"{path}.{f.name}") for f in fields}
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:  # the dataclass's own validation
-        raise ConfigError(f"{path}: {err}") from err
+        obj = cls(**kwargs)
+    except FieldError as err:  # the dataclass's own validation, naming its field
+        raise ConfigError(f"{path}.{err}") from err
+    except (ValueError, TypeError) as err:  # the dataclass's own validation, in its own words
+        raise ConfigError(_with_key_path(str(err), cls, path)) from err
+    _refuse_negative_numbers(kwargs, path)
+    return obj
+
+
+def _with_key_path(message: str, cls: type, path: str) -> str:
+    """A dataclass's own message, led by the key path when it starts with one of its fields:
+    ``ProxyConfig.base_channels must be >= 1, got 0`` -> ``proxy.base_channels: must be >= 1, got 0``,
+    ``width (30) must be divisible by heads (4)`` -> ``generator.width: width (30) must be ...``;
+    any other message as ``proxy: <message>``."""
+    first, _, rest = message.partition(" ")
+    name = first.removeprefix(f"{cls.__name__}.")
+    if name not in {f.name for f in dataclasses.fields(cls)}:
+        return f"{path}: {message}"
+    return f"{path}.{name}: {rest if rest.startswith('must ') else message}"
+
+
+def _refuse_negative_numbers(values: dict[str, Any], path: str) -> None:
+    """The floor under every numeric params value, sizes, counts, rates, weights and seeds alike:
+    none is meaningful below zero. It also covers a key whose dataclass checks nothing yet; the
+    dataclasses add the stricter bounds (positive sizes, decays below 1, ...)."""
+    for name, value in values.items():
+        items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and item < 0:
+                key = f"{path}.{name}" if index is None else f"{path}.{name}[{index}]"
+                raise ConfigError(f"{key}: must be >= 0 (no params value is negative), got {item!r}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -172,6 +248,9 @@ class RunConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present
 
+    def __post_init__(self) -> None:
+        require(self, "seed", at_least=0, at_most=2**32 - 1, meaning="a 32-bit seed")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -189,10 +268,9 @@ class DataConfig:
     max_images_per_class: Optional[int] = None  # subset for quick runs; None = everything
 
     def __post_init__(self) -> None:
-        if self.resolution < 1 or self.workers < 1 or self.shard_size < 1:
-            raise ValueError("resolution, workers and shard_size must be positive")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        require(self, "resolution", "workers", "shard_size", "min_image_size", at_least=1)
+        require(self, "max_images_per_class", at_least=1, meaning="or null for all images")
+        require(self, "jpeg_quality", at_least=1, at_most=100)
         if self.source == "imagefolder" and not self.imagefolder_root.strip():
             # Path("") is the working directory: prepare would scan the project itself as a dataset
             raise ValueError("imagefolder_root is empty but source is imagefolder: set data.imagefolder_root to "
@@ -222,8 +300,9 @@ SECTIONS: dict[str, type | str] = {
     "generator": "spectralar.models.generator:GeneratorConfig",
     # one section per stage that has settings of its own: the stage table's ``config`` (in pipeline order)
     **{name: info.config for name, info in STAGE_TABLE.items() if info.config},
-    # sweep name -> row name -> {"section.key": value} (DVC's -S overrides); spectralar/sweep.py
-    "sweeps": dict[str, dict[str, dict[str, Any]]],
+    # sweep name -> row name -> {"section.key": value} (DVC's -S overrides), and an optional
+    # `seeds: [0, 1, 2]` list (each row at each run.seed); spectralar/sweep.py checks the structure
+    "sweeps": dict[str, dict[str, dict[str, Any] | list[int]]],
 }
 
 
@@ -258,15 +337,85 @@ class Params:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys silently, so a params file that sets ``lr`` twice would
+    run with whichever came last. Merge keys (``<<: *anchor``) still override as YAML defines.
+    """
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one mapping (lines are 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"{line}: duplicate key {key!r} (first on line {first_line}); keep one")
+
+
+def _construct_unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = first_line.get(key)
+        except TypeError:  # an unhashable key: the safe constructor refuses it below, in its own words
+            continue
+        if seen is not None:
+            raise DuplicateKeyError(key, key_node.start_mark.line + 1, seen)
+        first_line[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file through :class:`UniqueKeyLoader`; any problem is a one-line ConfigError naming the
+    file and line (``params.yaml:12: duplicate key 'lr' (first on line 10); keep one``)."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader: plain data only
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}:{err}") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ConfigError(f"{where}: not valid YAML: {reason}") from err
+
+
+def check_sections_together(params: "Params", reading: tuple[str, ...]) -> None:
+    """Values of different sections that must fit together, checked before a stage that reads the
+    sections ``reading`` starts (the CLI calls this; a stage that reads none of them is not stopped
+    by a mismatch it cannot be affected by, e.g. ``prepare`` by the tokenizer's N).
+
+    The tokenizer's image side comes from the prepared manifest, which holds ``data.resolution``;
+    with it, the patch grid and the ω schedule of N tokens (eq. 9 generalised, or uniform) must
+    exist. The stage checks the same against the artefacts it reads (``artifacts.tokenizer_config_for``).
+    """
+    if "tokenizer" not in reading:
+        return
+    tokenizer, resolution = params.tokenizer, params.data.resolution
+    if resolution % tokenizer.patch_size:
+        raise ConfigError(f"tokenizer.patch_size: must divide data.resolution ({resolution}), "
+                          f"got {tokenizer.patch_size}")
+    nonuniform = tokenizer.nonuniform_mapping
+    most = max(n for n in range(1, resolution + 1) if not nonuniform or n + n // 4 <= resolution)
+    if tokenizer.num_tokens > most:
+        schedule = "nonuniform (tokenizer.nonuniform_mapping: true; needs N + N//4 <= resolution)" if nonuniform \
+            else "uniform (tokenizer.nonuniform_mapping: false; needs N <= resolution)"
+        raise ConfigError(f"tokenizer.num_tokens: must be <= {most} for data.resolution {resolution} with the "
+                          f"{schedule} ω schedule, got {tokenizer.num_tokens}")
+
+
 def load_params(path: str | Path) -> Params:
     """Read and validate a whole params file. Raises ConfigError with the key path."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     unknown = sorted(set(raw) - set(SECTIONS))

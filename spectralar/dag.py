@@ -5,6 +5,9 @@ DVC runs ``dvc.yaml`` as it is. Snakemake generates one rule per stage from it
 (``workflow/rules/stages.smk``, with :func:`stage_inputs` and :func:`stage_outputs` naming the files
 after the command-line flags that pass them), and the sweep rules re-path it per row
 (``spectralar.sweep.RowPlan``). So adding a stage never touches the Snakemake files.
+
+Which outputs are results a person looks at is declared here too (:data:`REPORT_OUTPUTS`): the
+generated rules mark them for ``snakemake --report`` with a caption from ``workflow/report/``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import yaml
 
@@ -147,3 +150,52 @@ def stage_outputs(dag: Mapping[str, StageSpec], stage: str) -> dict[str, list[st
 def final_outputs(dag: Mapping[str, StageSpec]) -> list[str]:
     """What a full run makes: every stage's metrics files (its outs when it declares none)."""
     return [path for spec in dag.values() for path in (spec.metrics or spec.outs)]
+
+
+# --------------------------------------------------------------------------------------------
+# snakemake --report: which outputs are results, and how the report files them
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """How ``snakemake --report`` shows one stage output: its category in the report's results
+    section, its caption (reStructuredText, rendered with Jinja: ``snakemake.wildcards.name`` is the
+    file of a directory), and for a directory the files of it that are shown (Snakemake's
+    ``patterns``: each needs a wildcard, ``{name}``)."""
+
+    category: str
+    caption: str  # path from the repository root
+    patterns: tuple[str, ...] = ()
+    subcategory: Union[None, str, Callable] = None  # or a function of the pattern's wildcards
+
+    def labels(self) -> dict[str, str]:
+        """The report's table columns: the file shown, without its suffix."""
+        return {"figure": "{name}"} if self.patterns else {}
+
+
+def sample_figure_group(wildcards) -> str:
+    """The per-class grids (grid_<index>_<class>.png) under their own heading, apart from the overview."""
+    return "Per class" if wildcards.name.startswith("grid_") else "Overview"
+
+
+REPORT_DIR = "workflow/report"
+REPORT_OUTPUTS: dict[str, ReportEntry] = {
+    "samples": ReportEntry("Samples", f"{REPORT_DIR}/samples.rst", ("{name}.png", "{name}.gif"),
+                           subcategory=sample_figure_group),
+    "models/tokenizer": ReportEntry("Tokenizer", f"{REPORT_DIR}/tokenizer.rst", ("{name}.png",)),
+    "reports/figures": ReportEntry("Training", f"{REPORT_DIR}/training.rst", ("{name}_curves.png",)),
+    "reports/correlation": ReportEntry("Evaluation", f"{REPORT_DIR}/correlation.rst", ("{name}.png",),
+                                       subcategory="Token correlation (Table 1, Figure 4)"),
+    "reports/evaluate": ReportEntry("Evaluation", f"{REPORT_DIR}/evaluate.rst", ("{name}.csv",),
+                                    subcategory="Generation and reconstruction (Tables 2, 3)"),
+    "reports/correlation.csv": ReportEntry("Evaluation", f"{REPORT_DIR}/correlation_table.rst",
+                                           subcategory="Token correlation (Table 1, Figure 4)"),
+    "reports/truncation.csv": ReportEntry("Evaluation", f"{REPORT_DIR}/truncation.rst",
+                                          subcategory="Generation and reconstruction (Tables 2, 3)"),
+    "reports/ablation.csv": ReportEntry("Ablation", f"{REPORT_DIR}/ablation.rst"),
+}
+
+
+def report_entry(path: str) -> Optional[ReportEntry]:
+    """The report entry of a stage output, or None when the report does not show it."""
+    return REPORT_OUTPUTS.get(path)

@@ -6,11 +6,13 @@ import pytest
 
 from spectralar.dag import (
     CODE,
+    REPORT_OUTPUTS,
     command_paths,
     final_outputs,
     is_directory,
     load_dag,
     producer,
+    report_entry,
     stage_inputs,
     stage_outputs,
     topological_order,
@@ -63,3 +65,18 @@ def test_order_directories_and_final_outputs(dag):
             assert made_by is None or order.index(made_by[0]) < order.index(name), (name, dep)
     assert is_directory("data/prepared") and is_directory("reports/figures") and not is_directory("reports/report.md")
     assert final_outputs(dag) == [f"metrics/{name}.json" for name in dag]
+
+
+def test_report_outputs_are_stage_outputs_with_a_caption(dag):
+    """Every output marked for `snakemake --report` is a dvc.yaml out (a renamed out would silently
+    drop from the report otherwise), has its caption file, and a directory names the files it shows."""
+    outs = {out for spec in dag.values() for out in spec.outs}
+    assert set(REPORT_OUTPUTS) <= outs
+    for path, entry in REPORT_OUTPUTS.items():
+        assert (REPO / entry.caption).is_file(), path
+        assert bool(entry.patterns) == is_directory(path), path
+        assert all("{name}" in pattern for pattern in entry.patterns), path  # Snakemake globs by wildcard
+    categories = {entry.category for entry in REPORT_OUTPUTS.values()}
+    assert {"Samples", "Tokenizer", "Evaluation", "Ablation"} <= categories
+    assert report_entry("samples").category == "Samples" and report_entry("models/tokenizer/tokenizer.pt") is None
+    assert report_entry("reports/ablation.csv").category == "Ablation"

@@ -275,6 +275,24 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     assert written["reconstruction_class_accuracy"] == pytest.approx(
         float((logits.argmax(1).numpy() == labels).mean()), abs=1e-6)
     assert written["rfid"] > 0 and metrics["fid"] == written["fid"]
+    # the quality table's reference codes on the same 10 images, recomputed from their definitions
+    from spectralar.evaluation.baselines import dct_ceiling_psnr
+    from spectralar.evaluation.quality import reference_codes
+
+    omegas = written["omegas"]
+    assert written["dct_ceiling"] == pytest.approx([dct_ceiling_psnr(x.double(), w) for w in omegas], abs=1e-3)
+    assert written["dct_ceiling"][-1] == pytest.approx(100.0)  # ω_N = H: I'_N is the image
+    codebook = TINY["tokenizer.codebook_size"]  # 32 codes: 5 bits a token
+    assert written["pca_components"] == [i * 5 // 8 for i in range(1, N_TOKENS + 1)]
+    train = ImageShards(root / "prepared", "train")
+    assert written["pca_fit_images"] == len(train)  # baseline_images (10000) > the tiny split: all of it
+    assert reference_codes(train, x.double(), omegas, codebook, 10000)["pca_equal_bits"] == written["pca_equal_bits"]
+    assert written["pca_equal_bits"] == sorted(written["pca_equal_bits"])  # more bits, more components, less error
+    assert len(written["proxy_ceiling"]) == N_TOKENS and all(p > 0 for p in written["proxy_ceiling"])
+    summary = written["quality_summary"]
+    assert summary["margin_over_pca_db"] == pytest.approx(written["psnr_prefix_vs_full_image"][-1]
+                                                          - written["pca_equal_bits"][-1], abs=1e-3)
+    assert summary["min_psnr_vs_target"] == pytest.approx(min(written["psnr_prefix"]), abs=1e-3)
     # the three tables
     out = root / "evaluate"
     generation = _rows(out / "generation.csv")
@@ -288,7 +306,8 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     reconstruction = _rows(out / "reconstruction.csv")
     assert [int(r["prefix"]) for r in reconstruction] == list(range(1, N_TOKENS + 1))
     assert [int(r["omega"]) for r in reconstruction] == [1, 2, 3, 4, 6, 8, 20, 32]
-    assert float(reconstruction[-1]["psnr_vs_full"]) == pytest.approx(written["psnr_prefix_vs_full_image"][-1])
+    assert float(reconstruction[-1]["psnr_vs_image"]) == pytest.approx(written["psnr_prefix_vs_full_image"][-1])
+    assert {"psnr_vs_target", "dct_ceiling", "pca_equal_bits", "pca_components", "proxy_ceiling", "bits"} <= set(reconstruction[0])
     config = json.loads((out / "config.json").read_text())
     assert config["stage"] == "evaluate" and set(config["params"]) == {"run", "evaluate"}
     # the tables are MLflow artifacts of the stage's run, beside the metrics

@@ -119,7 +119,7 @@ def test_a_sweep_row_name_cannot_leave_the_project(tmp_path, monkeypatch, capsys
 
 def test_an_empty_imagefolder_root_is_refused(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"data.source": "imagefolder", "data.imagefolder_root": ""})
-    with pytest.raises(ConfigError, match=r"^data: imagefolder_root is empty .*data\.imagefolder_root"):
+    with pytest.raises(ConfigError, match=r"^data\.imagefolder_root: imagefolder_root is empty .*data\.imagefolder_root"):
         load_params(params)
 
 
@@ -197,6 +197,127 @@ def test_truncated_token_dump_and_proxy_table_name_the_file(tmp_path):
     _truncate(codes / "train.npy")
     with pytest.raises(ArtifactError, match="mmap length is greater than file size.*rerun extract_proxy_codes"):
         load_proxy_codes(codes)
+
+
+def _flip_byte(path: Path, offset: int = -1) -> None:
+    """Flip the lowest bit of one byte (by default the last: array data, past the .npy header)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def full_verify(monkeypatch):
+    monkeypatch.setenv("SPECTRALAR_VERIFY", "full")
+
+
+def test_a_flipped_byte_in_a_shard_names_the_file_and_the_stage(prepared, full_verify, monkeypatch):
+    shard = prepared / "train" / "shard-00001.npy"
+    _flip_byte(shard)
+    shards = ImageShards(prepared, "train")
+    assert shards.images([0]).shape == (1, 32, 32, 1)  # other shards still read
+    with pytest.raises(ArtifactError) as error:
+        shards.images([15])
+    message = str(error.value)
+    assert message.startswith(f"{shard}: content (with {prepared / 'train' / 'shard-00001.labels.npy'}) does not "
+                              f"match its sha256 in {prepared / 'manifest.json'}")
+    assert message.endswith(f"rerun prepare: `dvc repro -f -s prepare` or `snakemake -f {prepared}`")
+    monkeypatch.setenv("SPECTRALAR_VERIFY", "fast")  # the cheap checks only: the damage goes unseen
+    assert ImageShards(prepared, "train").images([15]).shape == (1, 32, 32, 1)
+
+
+def test_a_flipped_label_is_caught_by_the_shard_checksum(prepared, full_verify):
+    labels = prepared / "val" / "shard-00000.labels.npy"
+    _flip_byte(labels, -2)  # the low byte of the last int16 label: 9 -> 8, still a class
+    with pytest.raises(ArtifactError, match=r"shard-00000\.npy: content \(with .*shard-00000\.labels\.npy\) does not"):
+        ImageShards(prepared, "val").load_all()
+
+
+def test_a_label_outside_the_classes_is_refused_on_open_in_any_mode(prepared, monkeypatch):
+    monkeypatch.setenv("SPECTRALAR_VERIFY", "fast")
+    path = prepared / "val" / "shard-00000.labels.npy"
+    np.save(path, np.full(10, 12, np.int16))
+    with pytest.raises(ArtifactError) as error:
+        ImageShards(prepared, "val")
+    assert str(error.value).startswith(f"{path}: labels 12..12, but {prepared / 'manifest.json'} has 10 classes (0..9)")
+    assert "rerun prepare" in str(error.value)
+
+
+def test_a_shard_of_another_dtype_is_refused(prepared):
+    np.save(prepared / "train" / "shard-00002.npy", np.zeros((10, 32, 32, 1), np.float32))
+    with pytest.raises(ArtifactError, match=r"shard-00002\.npy: dtype float32, but .* says uint8; rerun prepare"):
+        ImageShards(prepared, "train").load_all()
+
+
+def test_an_edited_shard_checksum_in_the_manifest_is_refused(prepared):
+    manifest_path = prepared / "manifest.json"
+    manifest = read_json(manifest_path)
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    write_json(manifest_path, manifest)
+    with pytest.raises(ArtifactError, match=r"manifest\.json: the train split's sha256 does not match its shards'"):
+        ImageShards(prepared, "train")
+
+
+def test_fashion_mnist_labels_outside_the_classes_are_refused_at_prepare(tmp_path):
+    directory = make_fashion_dir(tmp_path / "fashion", n_train=10, n_val=10)
+    path = directory / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[8 + 3] = 10  # the 4th label: one past Ankle boot
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(ArtifactError) as error:
+        fashion_mnist.load_split(directory, "train", 32)
+    assert str(error.value).startswith(f"{path}: label 10 at index 3 is not one of the 10 classes (0..9); reinstall")
+
+
+def _token_dump(directory: Path) -> Path:
+    directory.mkdir()
+    files = {**write_tokens(directory, "train", np.arange(200, dtype=np.uint16).reshape(50, 4), np.arange(50) % 10),
+             **write_tokens(directory, "val", np.zeros((10, 4), np.uint16), np.zeros(10, np.int64))}
+    write_json(directory / "manifest.json", {"vocab": 256, "files": files})
+    return directory
+
+
+def test_a_flipped_byte_in_a_token_file_names_the_file_and_the_stage(tmp_path, full_verify):
+    tokens = _token_dump(tmp_path / "tokens")
+    manifest, ids, labels = load_tokens(tokens)
+    assert ids.shape == (50, 4) and labels.dtype == np.int64 and manifest["files"]["train.npy"]["dtype"] == "uint16"
+    for name in ("train.npy", "labels.npy"):
+        _flip_byte(tokens / name)
+        with pytest.raises(ArtifactError) as error:
+            load_tokens(tokens)
+        assert str(error.value) == (f"{tokens / name}: content does not match the sha256 in {tokens / 'manifest.json'} "
+                                    f"(a damaged or replaced file); rerun dump_tokens: `dvc repro -f -s dump_tokens` "
+                                    f"or `snakemake -f {tokens}`")
+        _flip_byte(tokens / name)  # repaired
+    assert load_tokens(tokens, "val")[1].shape == (10, 4)
+
+
+def test_a_token_file_of_another_shape_or_an_old_manifest_is_refused(tmp_path):
+    tokens = _token_dump(tmp_path / "tokens")
+    np.save(tokens / "val.npy", np.zeros((10, 8), np.uint16))
+    with pytest.raises(ArtifactError, match=r"val\.npy: shape \[10, 8\], but .*manifest\.json says \[10, 4\]; rerun dump"):
+        load_tokens(tokens, "val")
+    write_json(tokens / "manifest.json", {"vocab": 256})  # written before manifests carried checksums
+    with pytest.raises(ArtifactError, match=r"train\.npy: .*manifest\.json lists no shape or checksum for it"):
+        load_tokens(tokens)
+
+
+def test_a_flipped_byte_in_the_proxy_code_table_names_the_file_and_the_stage(tmp_path, full_verify):
+    from spectralar.io import array_record
+
+    codes = tmp_path / "proxy_codes"
+    codes.mkdir()
+    table = np.random.default_rng(0).integers(0, 256, (20, 4, 16)).astype(np.uint16)
+    np.save(codes / "train.npy", table)
+    write_json(codes / "manifest.json", {"mode": "precomputed", "files": {"train.npy": array_record(codes / "train.npy", table)}})
+    assert np.array_equal(load_proxy_codes(codes)[1], table)
+    _flip_byte(codes / "train.npy", -7)
+    with pytest.raises(ArtifactError) as error:
+        load_proxy_codes(codes)
+    assert str(error.value).startswith(f"{codes / 'train.npy'}: content does not match the sha256 in "
+                                       f"{codes / 'manifest.json'}")
+    assert str(error.value).endswith(f"rerun extract_proxy_codes: `dvc repro -f -s extract_proxy_codes` or "
+                                     f"`snakemake -f {codes}`")
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])

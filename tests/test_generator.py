@@ -113,7 +113,7 @@ def test_init_starts_blocks_near_identity() -> None:
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(std / 2, rel=0.1)
     x = torch.randn(2, 5, 64)
     cond = model.class_condition(torch.tensor([1, 2]))
-    out = model.blocks[0](x, cond, None, True, None)
+    out = model.blocks[0](x, model.blocks[0].modulation(cond), None, True, None)
     assert (out - x).abs().max().item() < 1e-4  # AdaLN gates ~0: the block is ~identity
 
 
@@ -169,12 +169,24 @@ def test_cached_logits_match_full_forward(tokens_per_step: int, prefill_groups: 
         cond = model.class_condition(LABELS)
         full = model.logits_from_prefix(cond, ids[:, : TOKENS - k])
         inputs = model.sequence_inputs(cond, ids[:, : TOKENS - k])  # (B, N, C)
-        cache = model.new_kv_cache()
-        chunks = [model.forward_cached(inputs[:, : prefill_groups * k], cond, cache)]
+        cache, modulation = model.new_kv_cache(), model.modulation(cond)
+        chunks = [model.forward_cached(inputs[:, : prefill_groups * k], modulation, cache)]
         for start in range(prefill_groups * k, TOKENS, k):
-            chunks.append(model.forward_cached(inputs[:, start : start + k], cond, cache))
+            chunks.append(model.forward_cached(inputs[:, start : start + k], modulation, cache))
     assert cache.length == TOKENS
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_per_step", [1, 4])
+def test_sequence_inputs_from_a_start_are_the_tail_of_all_inputs(tokens_per_step: int) -> None:
+    """A sampling step embeds only the positions it feeds; they equal the full inputs' rows exactly."""
+    model = tiny_model(tokens_per_step=tokens_per_step)
+    ids = random_ids()[:, : TOKENS - tokens_per_step]
+    with torch.no_grad():
+        cond = model.class_condition(LABELS)
+        full = model.sequence_inputs(cond, ids)  # (B, N, C)
+        for start in range(TOKENS + 1):
+            assert torch.equal(model.sequence_inputs(cond, ids, start=start), full[:, start:])
 
 
 SAMPLING_SETTINGS = [
@@ -194,6 +206,20 @@ def test_cached_generation_equals_recompute(tokens_per_step: int, settings: dict
         for cached in (True, False)
     ]
     assert runs[0].shape == (3, TOKENS) and runs[0].dtype == torch.long
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("tokens_per_step, prefix_length, num_tokens", [(1, 5, 12), (4, 6, 14), (4, 8, 16)])
+def test_cached_completion_equals_recompute(tokens_per_step: int, prefix_length: int, num_tokens: int) -> None:
+    """Spectrum completion (a prefilled cache, a group the prefix only partly covers) and truncation."""
+    model = tiny_model(tokens_per_step=tokens_per_step)
+    prefix = random_ids(seed=8)[:, :prefix_length]
+    runs = [
+        generate(model, LABELS, prefix_ids=prefix, num_tokens=num_tokens, cfg_scale=1.5, top_k=10, top_p=0.9,
+                 generator=torch.Generator().manual_seed(3), use_kv_cache=cached)
+        for cached in (True, False)
+    ]
+    assert runs[0].shape == (3, num_tokens)
     assert torch.equal(runs[0], runs[1])
 
 

@@ -134,7 +134,7 @@ def test_finish_pipeline_restores_what_did_not_run_and_closes_the_pipeline_run(t
     assert set(children) == {"prepare", "train_evalnet", "train_proxy"}
     restored = children["train_proxy"]
     assert restored.data.tags["spectralar.restored"] == "true"
-    assert restored.info.run_name == "train_proxy (restored)"
+    assert restored.info.run_name == f"train_proxy (restored) #1 {restored.data.tags['spectralar.params_hash'][:6]}"
     assert restored.info.status == "FINISHED"
     assert restored.data.params["train_proxy.steps"] == "6"
     assert restored.data.metrics["recon"] == 0.5
@@ -152,7 +152,7 @@ def test_finish_pipeline_restores_what_did_not_run_and_closes_the_pipeline_run(t
     again = _children(client, tree.second)
     assert set(again) == {"prepare", "train_evalnet", "train_proxy"}
     assert all(r.data.tags["spectralar.restored"] == "true" for r in again.values())
-    assert again["prepare"].data.metrics["images.train"] == 60
+    assert again["prepare"].data.params["images.train"] == "60"
     assert {"manifest.json", "prepare.json"} <= {a.path for a in client.list_artifacts(again["prepare"].info.run_id)}
     pipelines = _runs(client, "tags.`spectralar.role` = 'pipeline'")
     assert sorted(r.info.run_id for r in pipelines) == sorted([tree.first, tree.second])
@@ -327,7 +327,7 @@ def test_the_record_through_mlflow_server(tree):
             children = _children(client, parent_id)
             assert set(children) == {"prepare", "train_evalnet", "train_proxy"}
             assert children["prepare"].data.params["data.resolution"] == "32"
-            assert children["prepare"].data.metrics["images.train"] == 60
+            assert children["prepare"].data.params["images.train"] == "60"
             assert children["train_evalnet"].data.params["train_evalnet.epochs"] == "1"
             assert "val_accuracy" in children["train_evalnet"].data.metrics
             assert children["train_proxy"].data.metrics["recon"] == 0.5

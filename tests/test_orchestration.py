@@ -104,6 +104,29 @@ def _listed(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
+REPORT_DUMP = """include: {snakefile!r}
+
+import json as _json
+from snakemake.io import is_flagged as _is_flagged
+
+_json.dump({{name: {{str(f): {{"category": f.flags["report"].category, "caption": str(f.flags["report"].caption),
+                              "patterns": f.flags["report"].patterns}}
+                    for f in getattr(rules, name).rule.output if _is_flagged(f, "report")}}
+            for name in {names!r}}}, open({out!r}, "w"))
+"""
+
+
+def report_marks(scratch: Path, project: Path = REPO) -> dict[str, dict]:
+    """Per stage rule, its outputs marked for ``snakemake --report`` with their category and caption."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    wrapper, out = scratch / "Snakefile", scratch / "report.json"
+    wrapper.write_text(REPORT_DUMP.format(snakefile=str(project / "Snakefile"), names=list(dvc_stages(project)),
+                                          out=str(out)))
+    subprocess.run([str(BIN / "snakemake"), "-s", str(wrapper), "-d", str(project), "--list-rules"],
+                   cwd=project, env=_env(), capture_output=True, text=True, check=True)
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def jobs():
     return snakemake_jobs()
@@ -367,6 +390,21 @@ def stage_code_deps(stage: str) -> list[str]:
     return sorted(deps)
 
 
+def test_generated_rules_mark_the_results_for_the_snakemake_report(tmp_path):
+    """The stage rules carry report() on the outputs spectralar.dag.REPORT_OUTPUTS names, with its
+    category and its caption under workflow/report/."""
+    from spectralar.dag import REPORT_OUTPUTS
+
+    marks = report_marks(tmp_path)
+    marked = {path: mark for outputs in marks.values() for path, mark in outputs.items()}
+    assert set(marked) == set(REPORT_OUTPUTS)
+    assert set(marks["sample"]) == {"samples"} and set(marks["report"]) >= {"reports/ablation.csv", "reports/figures"}
+    for path, mark in marked.items():
+        assert mark["category"] == REPORT_OUTPUTS[path].category, path
+        assert mark["caption"].endswith(REPORT_OUTPUTS[path].caption), path
+        assert mark["patterns"] == list(REPORT_OUTPUTS[path].patterns), path
+
+
 def test_every_stage_declares_the_code_it_imports(rules):
     """dvc.yaml lists exactly the code each stage's outputs depend on, and Snakemake's rule has it as input.code."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -538,6 +576,23 @@ def test_snakemake_end_to_end(snakemake_project):
         assert (snakemake_project / "metrics" / f"{stage}.json").is_file(), stage
     assert (snakemake_project / "models" / "tokenizer" / "prefixes.png").is_file()
     assert (snakemake_project / "reports" / "figures" / "progression.gif").is_file()
+
+
+@pytest.mark.slow
+def test_snakemake_report_shows_the_figures_and_tables_by_category(snakemake_project):
+    """`snakemake --report report.zip` after a run: the figures and tables with their captions."""
+    import zipfile
+
+    result = _run(snakemake_project, "snakemake", "--report", "report.zip", timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with zipfile.ZipFile(snakemake_project / "report.zip") as archive:
+        names = {Path(name).name for name in archive.namelist()}
+        html = archive.read("report/report.html").decode()
+    assert {"grid.png", "grid_0_t-shirt-top.png", "progression.gif", "completion.png", "superres.png", "prefixes.png",
+            "best_predictor.png", "loss_curves.png", "ablation.csv", "truncation.csv", "generation.csv"} <= names
+    for category in ("Samples", "Tokenizer", "Evaluation", "Ablation"):
+        assert f'"{category}"' in html, category
+    assert "Coarse-to-fine generation" in html and "Table 4: the ablation" in html  # captions rendered
 
 
 @pytest.mark.slow

@@ -189,3 +189,28 @@ def test_center_crop_matches_adm_arithmetic():
     # the horizontal ramp survives: left-to-right increasing around the centre of the image
     assert out[8, 0, 0] < out[8, 15, 0]
     assert abs(int(out[8, 8, 0]) - 150) < 12
+
+
+def test_jpeg_shards_are_checked_against_their_manifest(tmp_path, monkeypatch):
+    """A flipped byte in a JPEG shard or its offsets names the file and the stage to rerun."""
+    from spectralar.io import ArtifactError
+
+    monkeypatch.setenv("SPECTRALAR_VERIFY", "full")
+    root = make_imagefolder(tmp_path / "tree")
+    _, out = _run_prepare(tmp_path, {"data.source": "imagefolder", "data.imagefolder_root": str(root),
+                                     "data.resolution": 16, "data.shard_format": "jpeg", "data.workers": 1})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtypes"] == {"images": "uint8", "labels": "int16", "offsets": "int64"}
+    assert len(manifest["splits"]["train"]["shards"][0]["offsets_sha256"]) == 64
+    reference = ImageShards(out, "train").load_all()
+    for name, offset in (("shard-00000.bin", 200), ("shard-00000.offsets.npy", -16)):  # an inner offset
+        path = out / "train" / name
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(ArtifactError) as error:
+            ImageShards(out, "train").load_all()
+        assert str(error.value).startswith(f"{path}: ") and "rerun prepare: `dvc repro -f -s prepare`" in str(error.value)
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+    assert np.array_equal(ImageShards(out, "train").load_all(), reference)

@@ -231,3 +231,52 @@ def test_a_full_disk_is_one_clear_line_and_leaves_the_earlier_output(project, mo
     assert "No space left on device" in err and "Traceback" not in err
     assert sorted(p.name for p in (project.root / "prepared").rglob("*")) == before  # the old output intact
     assert not temporary_siblings(project.root / "prepared")  # and no temporary left
+
+
+def test_a_damaged_proxy_code_table_stops_train_tokenizer_with_its_name(tmp_path, fashion_dir, capfd, monkeypatch):
+    """extract_proxy_codes records the table's shape, dtype, size and sha256; train_tokenizer checks them."""
+    from spectralar.cli import main
+    from spectralar.io import read_json, sha256_file
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("SPECTRALAR_VERIFY", "full")  # (the default, auto, hashes a table this small too)
+    project = Project(tmp_path, fashion_dir, {"tokenizer.decoder_head": "proxy_codes"})  # stage 1 reads the table
+    project.run_all(until="extract_proxy_codes")
+    table = project.root / "codes" / "train.npy"
+    record = read_json(project.root / "codes" / "manifest.json")["files"]["train.npy"]
+    assert record == {"shape": [60, 8, 64], "dtype": "uint16", "bytes": table.stat().st_size,
+                      "sha256": sha256_file(table)}
+    data = bytearray(table.read_bytes())
+    data[-1] ^= 1
+    table.write_bytes(bytes(data))
+    capfd.readouterr()  # only what the failing command prints
+    assert main([str(a) for a in project.argv("train_tokenizer")]) == 2
+    err = capfd.readouterr().err
+    assert f"{table}: content does not match the sha256 in {project.root / 'codes' / 'manifest.json'}" in err
+    assert f"rerun extract_proxy_codes: `dvc repro -f -s extract_proxy_codes` or `snakemake -f {project.root / 'codes'}`" in err
+    assert "Traceback" not in err and not (project.root / "tokenizer").exists()
+
+
+def test_a_damaged_token_dump_is_named_when_the_generator_reads_it(project, monkeypatch):
+    """dump_tokens records each file's shape, dtype, size and sha256; load_tokens checks them."""
+    from spectralar.artifacts import load_tokens
+    from spectralar.cli import main
+    from spectralar.io import ArtifactError
+
+    monkeypatch.setenv("SPECTRALAR_VERIFY", "full")
+    project.run_all()
+    tokens = project.root / "tokens"
+    argv = ["dump_tokens", "--params", project.params, "--metrics", project.root / "dump_tokens.json",
+            "--data", project.root / "prepared", "--tokenizer", project.root / "tokenizer" / "tokenizer.pt",
+            "--out", tokens]
+    assert main([str(a) for a in argv]) == 0
+    manifest, ids, labels = load_tokens(tokens, "val")
+    assert manifest["files"]["val.npy"]["shape"] == [20, 8] and ids.shape == (20, 8) and len(labels) == 20
+    assert set(manifest["files"]) == {"train.npy", "labels.npy", "val.npy", "val_labels.npy"}
+    data = bytearray((tokens / "train.npy").read_bytes())
+    data[-1] ^= 1
+    (tokens / "train.npy").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError) as error:
+        load_tokens(tokens, "train")
+    assert str(error.value).startswith(f"{tokens / 'train.npy'}: content does not match the sha256")
+    assert "rerun dump_tokens" in str(error.value)

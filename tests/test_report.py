@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from spectralar.cli import build_parser, run_stage
@@ -98,3 +103,160 @@ def test_report_is_the_last_stage():
     from spectralar.stages import STAGES
 
     assert STAGES[-1] == "report" and list(load_dag(REPO / "dvc.yaml"))[-1] == "report"  # its Snakemake rule too
+
+
+# --------------------------------------------------------------------------------------------
+# Curves: one per quantity, in the report's figure and in `dvc plots`
+# --------------------------------------------------------------------------------------------
+
+TOKENIZER_HISTORY = ("phase,step,ce,l2,loss,vq\n1,2,3.45,,3.53,0.08\n1,4,3.41,,3.42,0.001\n"
+                     "2,6,,0.17,0.18,\n2,8,,0.13,0.14,\n")
+GENERATOR_HISTORY = "step,accuracy,loss\n2,0.1,3.4\n4,0.2,3.3\n"
+
+
+def _history(path: Path, text: str) -> list[dict[str, float]]:
+    from spectralar.artifacts import read_history
+
+    path.write_text(text)
+    return read_history(path)
+
+
+def test_tokenizer_stages_are_separate_panels_and_a_sparse_validation_column_is_a_curve(tmp_path):
+    from spectralar.stages.report import _curve, loss_panels, plot_losses
+
+    histories = {"tokenizer": _history(tmp_path / "t.csv", TOKENIZER_HISTORY),
+                 "generator": _history(tmp_path / "g.csv", "step,accuracy,loss,val_loss\n2,0.1,3.4,3.5\n4,0.2,3.3,\n")}
+    panels = {(title, column): rows for title, rows, column, _ in loss_panels(histories)}
+    stage1 = panels[("tokenizer stage 1: proxy codes", "ce")]
+    stage2 = panels[("tokenizer stage 2: pixels", "l2")]
+    assert [r["step"] for r in stage1] == [2, 4] and [r["step"] for r in stage2] == [6, 8]  # never joined
+    assert ("generator: next token", "loss") in panels and ("generator: next token", "accuracy") in panels
+    assert loss_panels({"generator": [], "tokenizer": []}) == []
+    assert _curve(panels[("generator: next token", "loss")], "val_loss") == ([2.0], [3.5])  # blank rows skipped
+    assert plot_losses(histories, tmp_path / "a.png") and plot_losses(histories, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # no version stamp, same bytes
+
+
+def _dvc_plots() -> list[dict]:
+    entries = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    return [entry if isinstance(entry, dict) else {entry: {}} for entry in entries]
+
+
+def test_dvc_plots_have_titles_axis_labels_and_one_quantity_each():
+    curves, images = {}, []
+    for entry in _dvc_plots():
+        (name, spec), = entry.items()
+        if not spec:
+            images.append(name)
+            continue
+        curves[name] = spec
+        assert {"title", "x", "y", "x_label", "y_label", "template"} <= set(spec), name
+        assert (REPO / spec["template"]).is_file(), name
+        (source, columns), = spec["y"].items()
+        assert isinstance(columns, str) or len(columns) == 1, f"{name}: one quantity per plot"
+    sources = {name: next(iter(spec["y"].items())) for name, spec in curves.items()}
+    assert sources["tokenizer_stage1"] == ("models/tokenizer/history.csv", "ce")
+    assert sources["tokenizer_stage2"] == ("models/tokenizer/history.csv", "l2")
+    assert {"samples/grid.png", "samples/progression.png"} <= set(images)
+
+
+def test_dvc_plots_show_gives_titles_labels_and_skips_the_other_stages_rows(tmp_path):
+    """`dvc plots show --json` on histories shaped as train_tokenizer writes them: each curve has its
+    title and axis labels, and its template drops the rows where its column is blank."""
+    (tmp_path / "workflow" / "report").mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / "workflow" / "report" / "dvc_curve.json", tmp_path / "workflow" / "report")
+    for path, text in {"models/tokenizer/history.csv": TOKENIZER_HISTORY,
+                       "models/generator/history.csv": GENERATOR_HISTORY}.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(tmp_path)}
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    shown = subprocess.run([dvc, "plots", "show", "--json"], cwd=tmp_path, env=env, check=True, capture_output=True,
+                           text=True)
+    plots = json.loads(shown.stdout)["data"]
+    expected = {"tokenizer_stage1": ("ce", [2, 4]), "tokenizer_stage2": ("l2", [6, 8])}
+    for name, (column, steps) in expected.items():
+        (plot,) = plots[name]
+        content = plot["content"]
+        assert content["title"]["text"].startswith("Tokenizer stage")
+        assert content["encoding"]["x"]["title"] == "optimizer step" and content["encoding"]["y"]["title"]
+        (rule,) = content["transform"]
+        keep = [row for row in content["data"]["values"]
+                if row[column] != "" and row[column] is not None]  # the template's filter, in Python
+        assert rule["filter"] == f"datum['{column}'] !== '' && isValid(datum['{column}'])"
+        assert [int(row["step"]) for row in keep] == steps
+    assert plots["generator_loss"][0]["content"]["encoding"]["y"]["title"] == "cross-entropy (nats)"
+
+
+# --------------------------------------------------------------------------------------------
+# Table 4 and Table 1 over seeds
+# --------------------------------------------------------------------------------------------
+
+SEEDED_SWEEP = (  # runs/ablation/table.csv of a sweep with seeds [0, 1, 2]; nonuniform at seed 0 is this pipeline
+    "row,spectral_supervision,causal_mask,nonuniform_mapping,seed,fid,inception_score,class_accuracy,rfid,"
+    "fid_drop2,generator_val_loss,generator_val_accuracy,r2_spectral_average,r2_raster_average\n"
+    "baseline,false,false,false,0,40.0,3.0,0.30,30.0,41.0,1.5,0.6,0.80,0.50\n"
+    "baseline,false,false,false,1,44.0,3.2,0.32,31.0,45.0,1.4,0.61,0.82,0.52\n"
+    "baseline,false,false,false,2,42.5,3.1,0.31,33.0,43.0,1.6,0.62,0.81,0.49\n"
+    "nonuniform,true,true,true,1,20.0,4.0,0.5,8.0,20.5,1.0,0.7,0.82,0.52\n"
+    "nonuniform,true,true,true,2,22.0,4.4,0.6,9.0,22.5,1.1,0.72,0.81,0.49\n")
+
+
+def test_report_averages_each_row_over_its_seeds(project):
+    root, run = project
+    (root / "metrics" / "train_generator.json").write_text(json.dumps({"val_loss": 1.2, "val_accuracy": 0.75}))
+    (root / "runs" / "ablation").mkdir(parents=True)
+    (root / "runs" / "ablation" / "table.csv").write_text(SEEDED_SWEEP)
+    assert run()["ablation_rows_run"] == 2
+    lines = list(csv.DictReader(open(root / "reports" / "ablation.csv")))
+    assert list(lines[0])[:4] == ["row", "spectral_supervision", "causal_mask", "nonuniform_mapping"]
+    baseline = [r for r in lines if r["row"] == "baseline"]
+    assert [r["kind"] for r in baseline] == ["seed", "seed", "seed", "mean ± std"]
+    summary = baseline[-1]
+    fids = np.array([40.0, 44.0, 42.5])
+    assert float(summary["fid"]) == pytest.approx(fids.mean()) and float(summary["fid_std"]) == pytest.approx(fids.std(ddof=1))
+    gaps = fids - np.array([30.0, 31.0, 33.0])
+    assert float(summary["fid_minus_rfid_std"]) == pytest.approx(gaps.std(ddof=1))
+    assert summary["num_seeds"] == "3" and summary["seeds"] == "0 1 2" and summary["source"] == "sweep"
+    # nonuniform: seeds 1 and 2 from the sweep, seed 0 (params' run.seed) from this pipeline's metrics
+    nonuniform = [r for r in lines if r["row"] == "nonuniform"]
+    assert [(r["seed"], r["source"]) for r in nonuniform[:3]] == [("0", "this pipeline"), ("1", "sweep"), ("2", "sweep")]
+    assert nonuniform[0]["generator_val_loss"] == "1.2" and nonuniform[0]["fid_minus_rfid"] == "12.0"
+    losses = np.array([1.2, 1.0, 1.1])
+    assert float(nonuniform[-1]["generator_val_loss"]) == pytest.approx(losses.mean())
+    assert float(nonuniform[-1]["generator_val_loss_std"]) == pytest.approx(losses.std(ddof=1))
+    assert nonuniform[-1]["source"] == "this pipeline + sweep" and nonuniform[-1]["num_seeds"] == "3"
+    assert [r["source"] for r in lines if r["kind"] == "mean ± std"] == [
+        "sweep", "not run", "not run", "this pipeline + sweep"]
+    # Table 1: seed 0 from this pipeline's correlation metrics, seeds 1 and 2 from the sweep table
+    correlation = [r for r in csv.DictReader(open(root / "reports" / "correlation.csv")) if r["paradigm"] == "raster"]
+    averages = np.array([0.5, 0.52, 0.49])
+    assert [r["seed"] for r in correlation[:3]] == ["0", "1", "2"]
+    assert float(correlation[-1]["average"]) == pytest.approx(averages.mean())
+    assert float(correlation[-1]["average_std"]) == pytest.approx(averages.std(ddof=1))
+    text = (root / "reports" / "report.md").read_text()
+    table4 = text[text.index("## Ablation (Table 4)"):text.index("## Truncated generation")]
+    assert f"{fids.mean():.4g} ± {fids.std(ddof=1):.2g}" in table4 and "ddof=1" in table4
+    assert "Paper's claim (gFID, lower is better): baseline > spectral > causal > nonuniform" in table4
+    assert "| baseline → spectral |" in table4 and "not run" in table4
+    assert "The whole ordering does not hold by this rule." in table4
+
+
+def test_ordering_verdicts_state_the_rule_and_do_not_over_claim():
+    from spectralar.stages.report import ordering_verdicts, seed_statistics
+
+    assert seed_statistics([1.0, None, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)), 2)  # ddof=1
+    assert seed_statistics([5.0]) == (5.0, None, 1) and seed_statistics([None]) == (None, None, 0)
+    lines = [{"row": "a", "fid": 10.0, "fid_std": 1.0}, {"row": "b", "fid": 7.0, "fid_std": 1.0},  # 3 > 2: holds
+             {"row": "c", "fid": 5.5, "fid_std": 0.5},  # 1.5 = 1.5: not more than the std sum
+             {"row": "d", "fid": 8.0, "fid_std": 0.5},  # worse by 2.5 > 1.0: reversed
+             {"row": "e", "fid": 1.0, "fid_std": None}]  # one seed
+    verdicts = ordering_verdicts(lines, "row", "fid", ["a", "b", "c", "d", "e", "f"], lower_is_better=True)
+    assert [v["verdict"] for v in verdicts] == ["holds", "unresolved (|Δ| ≤ std sum)", "reversed",
+                                                "one seed: not judged", "not run"]
+    assert verdicts[0]["difference"] == -3.0 and verdicts[0]["spread"] == 2.0
+    higher = ordering_verdicts([{"p": "x", "r": 0.5, "r_std": 0.01}, {"p": "y", "r": 0.9, "r_std": 0.01}], "p", "r",
+                               ["x", "y"], lower_is_better=False)
+    assert higher[0]["verdict"] == "holds"

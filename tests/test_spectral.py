@@ -260,6 +260,7 @@ def test_band_limit_rejects_bad_images() -> None:
         band_limit(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), 2)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     images = _random((4, 3, 32, 24), torch.float32, seed=10)

@@ -121,6 +121,7 @@ def _weights(path: Path) -> dict:
 @pytest.mark.parametrize("kill_step, checkpoints", [
     (4, ["step_00000003.pt"]),  # inside stage 1: the restart after step 4 needs step 3's usage counts
     (8, ["step_00000003.pt", "step_00000006.pt"]),  # inside stage 2 (stage 1 ends at step 6)
+    (10, ["step_00000006.pt", "step_00000009.pt"]),  # from a stage-2 checkpoint: discriminator and LeCam state
 ])
 def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch, kill_step, checkpoints):
     reference = project.run_all()
@@ -151,7 +152,8 @@ def test_killed_tokenizer_run_resumes_bit_identically(project, monkeypatch, kill
     assert (project.root / "tokenizer" / "history.csv").read_bytes() == expected_history
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(project, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, fashion_dir, monkeypatch):
+    project = Project(tmp_path, fashion_dir, {"tokenizer.decoder_head": "proxy_codes"})  # the cross-entropy path
     project.run_all(until="extract_proxy_codes")
     import spectralar.stages.train_tokenizer as stage
 
@@ -181,14 +183,17 @@ def test_spectral_supervision_off_extracts_only_the_full_image_level(tmp_path, f
 
 def test_online_proxy_codes_mode(tmp_path, fashion_dir):
     project = Project(tmp_path, fashion_dir, {"extract_proxy_codes.mode": "online",
-                                              "train_tokenizer.augment_hflip": True})
+                                              "train_tokenizer.augment_hflip": True,
+                                              "tokenizer.decoder_head": "proxy_codes"})
     metrics = project.run_all()
+    assert metrics["decode"] == "soft"
     assert not (tmp_path / "codes" / "train.npy").exists()
     assert metrics["steps"] == 10
 
 
 def test_hflip_needs_online_codes(tmp_path, fashion_dir):
-    project = Project(tmp_path, fashion_dir, {"train_tokenizer.augment_hflip": True})
+    project = Project(tmp_path, fashion_dir, {"train_tokenizer.augment_hflip": True,
+                                              "tokenizer.decoder_head": "proxy_codes"})
     with pytest.raises(ValueError, match="augment_hflip needs extract_proxy_codes.mode: online"):
         project.run_all()
 
@@ -254,3 +259,25 @@ def test_proxy_and_tokenizer_workers_reproduce_their_stages(project):
     project.run("train_tokenizer")
     saved = load_model_file(root / "tokenizer" / "tokenizer.pt", "tokenizer")["weights"]["tokenizer"]
     assert _same_weights(saved, trainer.tokenizer)
+
+
+def test_pixel_head_pipeline_decodes_without_the_proxy(tmp_path, fashion_dir):
+    """decoder_head: pixels: stage 1 regresses I'_i, stage 2 tunes only the tokenizer's decoder, and
+    the saved codec decodes to images whatever the proxy's weights are."""
+    from spectralar.artifacts import load_codec
+
+    project = Project(tmp_path, fashion_dir, {"tokenizer.decoder_head": "pixels",
+                                              "tokenizer.position_init": "sincos",
+                                              "tokenizer.band_limited_output": True})
+    metrics = project.run_all()
+    assert metrics["decode"] == "pixels" and len(metrics["psnr_prefix"]) == 8
+    header = (tmp_path / "tokenizer" / "history.csv").read_text().splitlines()[0].split(",")
+    assert "l2" in header and "ce" not in header
+    codec = load_codec(tmp_path / "tokenizer" / "tokenizer.pt", "cpu")
+    ids = torch.randint(0, 32, (2, 8))
+    before = codec.decode(ids)
+    assert before.shape == (2, 1, 32, 32) and before.abs().max() <= 1
+    with torch.no_grad():
+        for p in codec.proxy.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(codec.decode(ids), before)

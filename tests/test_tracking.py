@@ -31,7 +31,9 @@ def test_stage_run_is_recorded(tmp_path, fashion_dir, monkeypatch):
     assert "spectralar.git_commit" in run.data.tags
     assert run.data.params["data.resolution"] == "32"
     assert "tracking.uri" not in run.data.params  # only the sections the stage depends on
-    assert run.data.metrics["images.train"] == 60
+    assert run.data.params["images.train"] == "60"  # a size: a param, beside the config
+    assert run.data.metrics["skipped"] == 0  # a result: a metric
+    assert run.info.run_name == f"prepare #1 {run.data.tags['spectralar.params_hash'][:6]}"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "m.json"} <= artifacts
 

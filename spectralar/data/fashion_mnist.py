@@ -64,6 +64,10 @@ def load_split(directory: str | Path, split: str, resolution: int) -> tuple[np.n
     labels = read_idx(directory / labels_name, _LABEL_MAGIC).astype(np.int64)  # (n,)
     if len(images) != len(labels):
         raise ArtifactError(f"{directory}: {len(images)} images but {len(labels)} labels in split {split}")
+    if labels.size and labels.max() >= len(CLASS_NAMES):  # uint8 idx values: never negative
+        first = int(np.argmax(labels >= len(CLASS_NAMES)))
+        raise ArtifactError(f"{directory / labels_name}: label {labels[first]} at index {first} is not one of the "
+                            f"{len(CLASS_NAMES)} classes (0..{len(CLASS_NAMES) - 1}); {_REINSTALL}")
     size = images.shape[1]
     if resolution < size:
         raise ValueError(f"data.resolution={resolution} is smaller than the {size}x{size} Fashion-MNIST images")

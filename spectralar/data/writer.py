@@ -14,7 +14,9 @@ class ShardWriter:
     """Append images one at a time; every ``shard_size`` images become one shard on disk.
 
     ``fmt="raw"`` takes uint8 (H, W, C) arrays; ``fmt="jpeg"`` takes encoded JPEG bytes.
-    Output is a pure function of the appended sequence, so reruns are byte-identical.
+    Output is a pure function of the appended sequence, so reruns are byte-identical. Each shard's
+    manifest entry holds its count and the sha256 of its content (images or JPEG bytes, then the
+    int16 labels; for JPEG also of the offsets), which ``ImageShards`` checks on open.
     """
 
     def __init__(self, root: Path, split: str, *, fmt: str, shard_size: int) -> None:
@@ -54,7 +56,10 @@ class ShardWriter:
             write_npy(f"{base}.offsets.npy", offsets)
         write_npy(f"{base}.labels.npy", labels)
         digest.update(labels.tobytes())
-        self.shards.append({"stem": stem, "count": len(self._items), "sha256": digest.hexdigest()})
+        shard = {"stem": stem, "count": len(self._items), "sha256": digest.hexdigest()}
+        if self.fmt == "jpeg":  # the offsets are outside the content hash: a damaged one would misplace images
+            shard["offsets_sha256"] = hashlib.sha256(offsets.tobytes()).hexdigest()
+        self.shards.append(shard)
         self._items, self._labels = [], []
 
     def close(self) -> dict:

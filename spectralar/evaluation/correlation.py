@@ -64,6 +64,8 @@ import scipy.fft
 import torch
 import torch.nn.functional as F
 
+from spectralar.log import progress
+
 logger = logging.getLogger("spectralar.evaluation.correlation")
 
 Paradigm = Literal["raster", "scale", "spectral"]
@@ -342,7 +344,7 @@ def correlation_table(
     skipped: dict[str, dict[str, int]] = {}
     ridges: dict[str, dict[str, float]] = {}
     pooled: dict[str, dict[str, float]] = {}
-    for paradigm in paradigms:
+    for paradigm in progress(paradigms, desc="correlation", unit="paradigm", log_every=1, logger=logger):
         tokens = make_tokens(array, paradigm, mode)  # (N, 4, L)
         row, skipped[paradigm], ridges[paradigm], pooled[paradigm] = {}, {}, {}, {}
         for k in range(2, NUM_TOKENS + 1):
@@ -404,30 +406,39 @@ def render_best_predictor_map(
 ) -> None:
     """Write Figure-4 style panels to a PNG: one row per map, one panel per earlier token.
 
-    Counts are summed over channels. Uses matplotlib's Agg canvas directly (no pyplot global state).
+    Counts are summed over channels. The panels of a row share one colour scale, from 0 to the row's
+    largest count, with a colour bar: a panel's brightness then reads as a count, comparable across
+    the earlier tokens. Uses matplotlib's Agg canvas directly (no pyplot global state); the PNG carries
+    no software version, so the bytes depend only on the maps.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from spectralar.io import atomic_path
 
     rows = {"": maps} if isinstance(maps, np.ndarray) else dict(maps)
     columns = max(len(counts) for counts in rows.values())
-    figure = Figure(figsize=(2.2 * columns, 2.2 * len(rows) + (0.4 if title else 0)))
+    figure = Figure(figsize=(2.2 * columns + 1.0, 2.2 * len(rows) + (0.4 if title else 0)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for r, (label, counts) in enumerate(rows.items()):
+        panels = [np.asarray(counts[c]).sum(axis=0) for c in range(len(counts))]  # (H, W) each
+        top = max(1, max(int(panel.max()) for panel in panels))
         for c in range(columns):
             axis = axes[r, c]
             axis.set_xticks([])
             axis.set_yticks([])
-            if c < len(counts):
-                axis.imshow(np.asarray(counts[c]).sum(axis=0), cmap="magma", interpolation="nearest")
+            if c < len(panels):
+                image = axis.imshow(panels[c], cmap="magma", interpolation="nearest", vmin=0, vmax=top)
                 axis.set_title(f"{label} t{c + 1}".strip(), fontsize=8)
             else:
                 axis.set_axis_off()
+        bar = figure.colorbar(image, ax=list(axes[r]), shrink=0.9)
+        bar.set_label("elements of the last token\nbest predicted here", fontsize=7)
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
+        bar.ax.tick_params(labelsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
+        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spectralar.log import progress
+
 logger = logging.getLogger("spectralar.evaluation.domain")
 
 
@@ -201,7 +203,9 @@ def train_domain_net(
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator)
         total_loss = 0.0
-        for start in range(0, len(images), batch_size):
+        batches = progress(range(0, len(images), batch_size), total=epochs * steps_per_epoch,
+                           initial=epoch * steps_per_epoch, desc="train_evalnet", unit="step", logger=logger)
+        for start in batches:
             index = order[start : start + batch_size]
             batch = to_network_input(images[index], config.in_channels).to(device)  # (b, C, H, W)
             _, logits_bK = model(batch)

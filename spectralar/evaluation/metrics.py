@@ -36,6 +36,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from spectralar.evaluation.domain import class_accuracy
 from spectralar.evaluation.extractors import has_logits, register_extractors
+from spectralar.log import progress
 
 logger = logging.getLogger("spectralar.evaluation.metrics")
 
@@ -154,9 +155,13 @@ def extract_features(
     kwargs.setdefault("verbose", False)
     with torch.cuda.device(device) if cuda else contextlib.nullcontext():
         extractor = create_feature_extractor(extractor_name, sorted(set(layers.values())), cuda=cuda, **kwargs)
-        by_layer = get_featuresdict_from_dataset(
-            _ImageTensorDataset(images), extractor, batch_size, cuda, save_cpu_ram=True, verbose=False
-        )
+        # Chunks of whole batches: the batches, and so the features, are those of one pass over all images.
+        chunk = batch_size * 20
+        parts = [get_featuresdict_from_dataset(_ImageTensorDataset(images[start:start + chunk]), extractor, batch_size,
+                                               cuda, save_cpu_ram=True, verbose=False)
+                 for start in progress(range(0, len(images), chunk), desc=f"features ({extractor_name})",
+                                       unit="chunk", log_every=10, logger=logger)]
+        by_layer = {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]}
     return {key: by_layer[layer].to(torch.float32).cpu() for key, layer in layers.items()}
 
 

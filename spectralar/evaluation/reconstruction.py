@@ -11,6 +11,7 @@ import torch
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.measures import codebook_statistics, psnr
+from spectralar.log import progress
 from spectralar.models.codec import SpectralCodec
 from spectralar.spectral import band_limit
 
@@ -23,7 +24,7 @@ def prefix_psnr(codec: SpectralCodec, shards: ImageShards, count: int, device: t
     count = len(index)
     n = codec.num_tokens
     prefix_psnr, full_psnr, all_ids = torch.zeros(n), torch.zeros(n), []
-    for start in range(0, count, 100):
+    for start in progress(range(0, count, 100), desc="prefix PSNR", unit="batch", log_every=10):
         images = torch.from_numpy(shards.images(index[start:start + 100])).permute(0, 3, 1, 2)
         x = to_float(images.to(device))
         ids = codec.encode(x)

@@ -11,6 +11,7 @@ from torch import nn
 from spectralar.data.loader import to_uint8
 from spectralar.models.proxy_vq import ProxyVQModel
 from spectralar.models.tokenizer import NestedSpectralTokenizer
+from spectralar.spectral import band_limit
 
 
 class SpectralCodec(nn.Module):
@@ -18,7 +19,8 @@ class SpectralCodec(nn.Module):
 
     Decoding follows TiTok's two stages: the tokenizer predicts proxy-code logits at every
     position; ``soft`` mixes the proxy codebook with their softmax (stage 2, the fine-tuned path),
-    otherwise the argmax codes are decoded (stage 1).
+    otherwise the argmax codes are decoded (stage 1). A tokenizer with ``decoder_head: pixels``
+    predicts the pixels itself; the proxy (kept for a uniform model file) and ``soft`` are unused.
     """
 
     def __init__(self, tokenizer: NestedSpectralTokenizer, proxy: ProxyVQModel, omegas: tuple[int, ...],
@@ -36,7 +38,19 @@ class SpectralCodec(nn.Module):
     def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.tokenizer.encode_ids(images_BCHW)  # (B, N)
 
+    @property
+    def pixel_head(self) -> bool:
+        return self.tokenizer.config.decoder_head == "pixels"
+
+    @property
+    def decode_mode(self) -> str:
+        """How decoder outputs become images: pixels (pixel head), soft or argmax (proxy codes)."""
+        return "pixels" if self.pixel_head else "soft" if self.soft else "argmax"
+
     def logits_to_images(self, logits_BVhw: torch.Tensor) -> torch.Tensor:
+        """The decoder's output -> images (B, C, H, W); identity for a pixel-head tokenizer."""
+        if self.pixel_head:
+            return logits_BVhw.float()
         if self.soft:
             return self.proxy.probs_to_images(logits_BVhw.float().softmax(dim=1))  # (B, C, H, W)
         return self.proxy.codes_to_images(logits_BVhw.argmax(dim=1))
@@ -44,7 +58,19 @@ class SpectralCodec(nn.Module):
     @torch.no_grad()
     def decode(self, ids_Bn: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Ids (B, n <= N) -> images (B, C, H, W) in [-1, 1]; n ids decode the n-token prefix."""
-        return self.logits_to_images(self.tokenizer.decode_ids(ids_Bn, prefix_lengths)).clamp(-1, 1)
+        images = self.logits_to_images(self.tokenizer.decode_ids(ids_Bn, prefix_lengths))
+        if self.tokenizer.config.band_limited_output:
+            if prefix_lengths is None:
+                prefix_lengths = torch.full((ids_Bn.shape[0],), ids_Bn.shape[1], dtype=torch.long)
+            images = self.band_limit_prefix(images, prefix_lengths)
+        return images.clamp(-1, 1)
+
+    def band_limit_prefix(self, images_BCHW: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+        """Project each sample's image onto the ω_i block of its prefix i (prefix 0: unchanged)."""
+        lengths_B = prefix_lengths.to(images_BCHW.device).long()
+        omegas_B = torch.tensor(self.omegas, device=images_BCHW.device)[(lengths_B - 1).clamp_min(0)]
+        projected = band_limit(images_BCHW, omegas_B)
+        return torch.where((lengths_B > 0)[:, None, None, None], projected, images_BCHW)
 
 
 def decode_uint8(codec: SpectralCodec, ids_Bn: torch.Tensor, batch_size: int) -> np.ndarray:

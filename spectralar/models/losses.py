@@ -32,11 +32,14 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
 
 
 def lecam_regularizer(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema: torch.Tensor,
-                      decay: float = 0.999) -> tuple[torch.Tensor, torch.Tensor]:
+                      decay: float = 0.999, means: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LeCam regulariser (Tseng et al., 2021): keeps D(real) and D(fake) near each other's moving
-    average. ``ema`` = [EMA of mean D(real), EMA of mean D(fake)]; returns (reg, updated ema)."""
-    real_mean, fake_mean = real_logits.mean().detach(), fake_logits.mean().detach()
-    ema = ema * decay + torch.stack([real_mean, fake_mean]) * (1 - decay)
+    average. ``ema`` = [EMA of mean D(real), EMA of mean D(fake)]; returns (reg, updated ema).
+    ``means`` = [mean D(real), mean D(fake)] to average in (default: these logits'; data-parallel
+    training passes the global batch's, so every process keeps the same averages)."""
+    if means is None:
+        means = torch.stack([real_logits.mean(), fake_logits.mean()])
+    ema = ema * decay + means.detach() * (1 - decay)
     reg = F.relu(real_logits - ema[1]).pow(2).mean() + F.relu(ema[0] - fake_logits).pow(2).mean()
     return reg, ema
 

@@ -90,14 +90,18 @@ def _keep_top_p(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class _CachedLogits:
-    """Next-group logits that feed only the positions not yet in the KV cache."""
+    """Next-group logits that feed only the positions not yet in the KV cache.
+
+    The AdaLN modulation is computed once here, for the whole run: the class never changes.
+    """
 
     def __init__(self, model: SpectralGPT, cond_BC: torch.Tensor) -> None:
         self.model, self.cond_BC, self.cache = model, cond_BC, model.new_kv_cache()
+        self.modulation = model.modulation(cond_BC)
 
     def __call__(self, ids_BT: torch.Tensor) -> torch.Tensor:
-        x_BLC = self.model.sequence_inputs(self.cond_BC, ids_BT)[:, self.cache.length :]
-        logits_BLV = self.model.forward_cached(x_BLC, self.cond_BC, self.cache)
+        x_BLC = self.model.sequence_inputs(self.cond_BC, ids_BT, start=self.cache.length)  # new positions
+        logits_BLV = self.model.forward_cached(x_BLC, self.modulation, self.cache)
         return logits_BLV[:, -self.model.config.tokens_per_step :]  # (B, k, V)
 
 

@@ -15,7 +15,7 @@ proxy head is LayerNorm + Linear.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from timm.models.vision_transformer import Block
@@ -52,6 +52,18 @@ class TokenizerConfig:
     spectral_supervision: bool = True
     causal_mask: bool = True
     nonuniform_mapping: bool = True
+    # What the decoder predicts at each of the h×w mask positions. proxy_codes (TiTok, the paper):
+    # logits over the proxy codebook; stage 1 = cross-entropy to the proxy codes of I'_i and images
+    # come from the proxy decoder. pixels: a linear head to the patch's pixels; stage 1 = L2 to I'_i
+    # itself and no proxy at decode time (the small default: a 32 px proxy caps stage 1, README).
+    decoder_head: Literal["proxy_codes", "pixels"] = "proxy_codes"
+    # Initial patch / mask-token position embeddings: trunc_normal (ViT, std 0.02) or MAE's fixed
+    # 2-D sin-cos table (still trained); sincos trains faster on short schedules.
+    position_init: Literal["trunc_normal", "sincos"] = "trunc_normal"
+    # Project the image decoded from prefix s_1..s_i onto the ω_i×ω_i DCT block, the space its target
+    # I'_i lives in (SpectralCodec.decode and train_tokenizer): coarse prefixes need not learn to
+    # output zero high frequencies. The identity at i = N (ω_N = H).
+    band_limited_output: bool = False
 
     def __post_init__(self) -> None:
         positive = ("image_size", "in_channels", "patch_size", "width", "encoder_depth",
@@ -69,6 +81,15 @@ class TokenizerConfig:
                              f"heads ({self.heads})")
         if not self.mlp_ratio > 0:
             raise ValueError(f"TokenizerConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.decoder_head not in ("proxy_codes", "pixels"):
+            raise ValueError(f"TokenizerConfig.decoder_head must be 'proxy_codes' or 'pixels', "
+                             f"got {self.decoder_head!r}")
+        if self.position_init not in ("trunc_normal", "sincos"):
+            raise ValueError(f"TokenizerConfig.position_init must be 'trunc_normal' or 'sincos', "
+                             f"got {self.position_init!r}")
+        if self.position_init == "sincos" and self.width % 4 != 0:
+            raise ValueError(f"TokenizerConfig.width ({self.width}) must be divisible by 4 for "
+                             f"position_init 'sincos'")
         if not self.commitment_weight >= 0:
             raise ValueError(f"TokenizerConfig.commitment_weight must be >= 0, "
                              f"got {self.commitment_weight}")
@@ -169,7 +190,10 @@ class SpectralDecoder(nn.Module):
         self.norm_pre = nn.LayerNorm(width)
         self.blocks = _vit_blocks(config, config.decoder_depth)
         self.norm_post = nn.LayerNorm(width)
-        self.proxy_head = nn.Linear(width, config.proxy_codebook_size)
+        if config.decoder_head == "pixels":
+            self.pixel_head = nn.Linear(width, config.patch_size ** 2 * config.in_channels)
+        else:
+            self.proxy_head = nn.Linear(width, config.proxy_codebook_size)
 
     def hidden_states(
         self, codes_BnD: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
@@ -198,12 +222,19 @@ class SpectralDecoder(nn.Module):
     def forward(
         self, codes_BnD: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Quantised codes (B, n, D) -> logits (B, V_proxy, h, w) read at the mask positions."""
+        """Quantised codes (B, n, D) -> logits (B, V_proxy, h, w) read at the mask positions, or
+        with ``decoder_head: pixels`` images (B, C, H, W) in the [-1, 1] range (not clamped)."""
         config = self.config
         x_BLC = self.hidden_states(codes_BnD, prefix_lengths)
         masks_BPC = self.norm_post(x_BLC[:, :config.num_patches])  # (B, P, C)
-        logits_BPV = self.proxy_head(masks_BPC)  # (B, P, V)
         grid = config.grid_size
+        if config.decoder_head == "pixels":
+            patch, channels = config.patch_size, config.in_channels
+            pixels_BPp = self.pixel_head(masks_BPC)  # (B, P, p*p*C), per patch (p, p, C) row-major
+            pixels = pixels_BPp.reshape(-1, grid, grid, patch, patch, channels)  # (B, h, w, p, p, C)
+            pixels = pixels.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+            return pixels.reshape(-1, channels, grid * patch, grid * patch)  # (B, C, H, W)
+        logits_BPV = self.proxy_head(masks_BPC)  # (B, P, V)
         return logits_BPV.transpose(1, 2).reshape(x_BLC.shape[0], -1, grid, grid)  # (B, V, h, w)
 
     def _attention_mask(
@@ -229,6 +260,25 @@ class SpectralDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
+
+def sincos_2d_table(grid: int, width: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position table (grid*grid, width), rows in raster order.
+
+    The first half of the channels encodes the row y, the second half the column x, each as
+    [sin(pos·f_k), cos(pos·f_k)] with f_k = 10000^(-k/(width/4)), k < width/4.
+    """
+    if width % 4 != 0:
+        raise ValueError(f"width must be divisible by 4, got {width}")
+    quarter = width // 4
+    frequencies_K = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (K,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for position_P in (rows.flatten(), cols.flatten()):
+        angle_PK = position_P[:, None] * frequencies_K[None]  # (P, K)
+        parts += [angle_PK.sin(), angle_PK.cos()]
+    return torch.cat(parts, dim=1).float()  # (P, width)
+
 
 class NestedSpectralTokenizer(nn.Module):
     """Images -> N ordered spectral token ids; any prefix of them -> proxy-code logits.
@@ -264,6 +314,11 @@ class NestedSpectralTokenizer(nn.Module):
                           self.decoder.token_position_embedding,
                           self.decoder.mask_position_embedding):
             nn.init.trunc_normal_(embedding, std=0.02)
+        if self.config.position_init == "sincos":
+            table_1PC = sincos_2d_table(self.config.grid_size, self.config.width)[None]
+            with torch.no_grad():
+                self.encoder.patch_position_embedding.copy_(table_1PC)
+                self.decoder.mask_position_embedding.copy_(table_1PC)
         token_scale = self.config.width ** -0.5
         with torch.no_grad():
             for token in (self.encoder.spectral_query_tokens, self.decoder.mask_token):

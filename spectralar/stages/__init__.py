@@ -45,7 +45,7 @@ STAGE_TABLE: dict[str, StageInfo] = {info.name: info for info in (
               gpu=True, config=_CONFIG.format("extract_proxy_codes", "ExtractProxyCodesConfig")),
     StageInfo("train_tokenizer", ("run", "tokenizer", "train_tokenizer"),
               "Nested Spectral Tokenization (paper §3.2, Algorithm 1), TiTok's two stages",
-              gpu=True, config=_CONFIG.format("train_tokenizer", "TrainTokenizerConfig")),
+              gpu=True, distributed=True, config=_CONFIG.format("train_tokenizer", "TrainTokenizerConfig")),
     StageInfo("train_evalnet", ("run", "train_evalnet"),
               "the small domain classifier behind the fast FID/IS/KID/precision/recall",
               gpu=True, config=_CONFIG.format("train_evalnet", "TrainEvalnetConfig")),

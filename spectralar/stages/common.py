@@ -31,8 +31,8 @@ def stage_device(preference: str) -> torch.device:
 
 
 # Raise when the objects a stage checkpoints change layout (2: training histories and renamed
-# dead-code counts are checkpointed).
-CHECKPOINT_FORMAT = 2
+# dead-code counts are checkpointed; 3: the tokenizer's LeCam averages are checkpointed).
+CHECKPOINT_FORMAT = 3
 
 
 class Checkpointer:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 
+from spectralar.config import require
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.correlation import (
     PAPER_TABLE1,
@@ -38,8 +39,8 @@ class CorrelationConfig:
     mode: Literal["canvas", "increment"] = "canvas"
 
     def __post_init__(self) -> None:
-        if self.num_images < 10 or not 0 < self.train_fraction < 1:
-            raise ValueError("num_images must be >= 10 and train_fraction in (0, 1)")
+        require(self, "num_images", at_least=10)
+        require(self, "train_fraction", above=0, below=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

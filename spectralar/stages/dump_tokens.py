@@ -5,7 +5,8 @@ each image (eq. 8). Tokenizing once, here, makes generator training a pass over 
 table (60k x 16 uint16 = 1.9 MB for the default) instead of a tokenizer forward per step.
 Outputs (one directory, written atomically): ``train.npy`` uint16 (images, N), ``labels.npy`` int64,
 the same for the val split (``val.npy``, ``val_labels.npy``; the generator's held-out loss) and
-``manifest.json`` (num_tokens, vocab, num_classes, class_names, omegas, tokenizer sha256).
+``manifest.json`` (num_tokens, vocab, num_classes, class_names, omegas, tokenizer sha256, and each
+file's shape, dtype, size and sha256, which the reader checks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from spectralar.artifacts import CONFIG, MANIFEST, MAX_UINT16_VOCAB as MAX_VOCAB, load_codec, write_tokens
+from spectralar.config import require
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.measures import codebook_statistics
@@ -32,8 +34,7 @@ class DumpTokensConfig:
     batch_size: int = 500  # images per tokenizer forward
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        require(self, "batch_size", at_least=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +80,9 @@ def run(ctx) -> dict:
     }
     out = Path(ctx.args.out)
     with atomic_path(out, directory=True) as tmp:
-        write_tokens(tmp, "train", ids["train"], train.labels)
-        write_tokens(tmp, "val", ids["val"], val.labels)
-        write_json(tmp / MANIFEST, manifest)
+        files = {**write_tokens(tmp, "train", ids["train"], train.labels),
+                 **write_tokens(tmp, "val", ids["val"], val.labels)}
+        write_json(tmp / MANIFEST, {**manifest, "files": files})  # what load_tokens checks
         ctx.write_config(tmp, num_tokens=codec.num_tokens, vocab=vocab)
     ctx.log_outputs(out, (MANIFEST, CONFIG))
     usage = codebook_statistics(torch.from_numpy(ids["train"].astype(np.int64)), vocab)["codebook_usage"]

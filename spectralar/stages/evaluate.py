@@ -29,12 +29,15 @@ from typing import Any, Literal
 import torch
 
 from spectralar.artifacts import SAMPLES_FILE, load_codec, load_samples, truncated_files
+from spectralar.config import require
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.extractors import extractor_for
 from spectralar.evaluation.headline import HEADLINE_METRICS
 from spectralar.evaluation.metrics import class_accuracy, compute_metrics, extract_features, load_reference, \
     reference_statistics
+from spectralar.evaluation.quality import float_images, proxy_ceiling, reference_codes
+from spectralar.evaluation.quality_table import quality_rows, quality_summary
 from spectralar.evaluation.reconstruction import prefix_psnr
 from spectralar.io import atomic_path, csv_text
 from spectralar.models.codec import SpectralCodec, decode_uint8
@@ -58,16 +61,16 @@ class EvaluateConfig:
     batch_size: int = 250  # feature extraction and decoding
     reconstruction_images: int = 1000  # val images (spread over the split) for rFID and class accuracy
     psnr_images: int = 250  # val images (spread) for the per-prefix PSNR table (N decodes per image)
+    baseline_images: int = 10000  # training images the equal-bits PCA code is fitted on; 0 = no PCA/DCT columns
     kid_subset_size: int = 1000  # torch-fidelity's default (clamped to the number of samples)
     kid_subsets: int = 100
     isc_splits: int = 10
     prc_neighborhood: int = 3  # k of the k-NN manifolds (Kynkäänniemi et al. 2019)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.reconstruction_images < 2 or self.psnr_images < 1:
-            raise ValueError("need batch_size >= 1, reconstruction_images >= 2 (FID needs 2 images), psnr_images >= 1")
-        if self.kid_subset_size < 2 or self.kid_subsets < 1 or self.isc_splits < 1 or self.prc_neighborhood < 1:
-            raise ValueError("need kid_subset_size >= 2, kid_subsets >= 1, isc_splits >= 1, prc_neighborhood >= 1")
+        require(self, "batch_size", "psnr_images", "kid_subsets", "isc_splits", "prc_neighborhood", at_least=1)
+        require(self, "reconstruction_images", "kid_subset_size", at_least=2, meaning="FID and KID need 2 images")
+        require(self, "baseline_images", at_least=0, meaning="0 = no PCA/DCT baseline columns")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,9 +154,11 @@ def reconstruct(codec: SpectralCodec, images: torch.Tensor, batch_size: int) -> 
 
 
 def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShards, count: int,
-                           psnr_count: int) -> dict[str, Any]:
+                           psnr_count: int, train: ImageShards | None = None, baseline_images: int = 0) -> dict[str, Any]:
     """rFID against the same val images, class accuracy of originals and reconstructions (``count`` val
-    images spread over the split), PSNR of every prefix (``psnr_count`` spread images: N decodes each)."""
+    images spread over the split), PSNR of every prefix (``psnr_count`` spread images: N decodes each)
+    beside the DCT ceiling, the equal-bits PCA code (fitted on ``baseline_images`` of ``train``; 0 = none)
+    and the proxy's ceiling (``spectralar.evaluation.quality``), on the same images."""
     index = val.spread(count)  # evenly over the split (ImageFolder splits are class-sorted)
     count = len(index)
     images = torch.from_numpy(val.images(index)).permute(0, 3, 1, 2).contiguous()  # (R, C, H, W)
@@ -163,6 +168,11 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
     rfid = compute_metrics(fake, reference_statistics(real["features"]), fid=True, isc=False, kid=False,
                            prc=False)["fid"]
     psnr = prefix_psnr(codec, val, min(psnr_count, count), scorer.device)
+    psnr_images = float_images(val, val.spread(psnr["eval_images"]))
+    baselines: dict[str, Any] = {"proxy_ceiling": proxy_ceiling(codec.proxy, psnr_images, codec.omegas)}
+    if baseline_images > 0 and train is not None:
+        baselines |= reference_codes(train, psnr_images, codec.omegas, codec.tokenizer.config.codebook_size,
+                                     baseline_images)
     return {
         "rfid": rfid,
         "rfid_num_images": count,
@@ -171,6 +181,9 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
         "psnr_prefix": psnr["psnr_prefix"],
         "psnr_prefix_vs_full_image": psnr["psnr_prefix_vs_full_image"],
         "psnr_full": psnr["psnr_full"],
+        **baselines,
+        "codebook_usage": psnr["codebook_usage"],
+        "codebook_perplexity": psnr["codebook_perplexity"],
         "reconstruction_images": count,
         "psnr_images": psnr["eval_images"],
         "omegas": list(codec.omegas),
@@ -204,10 +217,9 @@ def truncation_rows(rows: dict[int, dict], num_tokens: int) -> list[dict]:
              "paper_fid": PAPER["fid_truncated"].get(str(k))} for k, row in rows.items()]
 
 
-def reconstruction_rows(metrics: dict) -> list[dict]:
-    return [{"prefix": i + 1, "omega": omega, "psnr_prefix": metrics["psnr_prefix"][i],
-             "psnr_vs_full": metrics["psnr_prefix_vs_full_image"][i], "num_images": metrics["psnr_images"]}
-            for i, omega in enumerate(metrics["omegas"])]
+def reconstruction_rows(metrics: dict, codebook_size: int) -> list[dict]:
+    """The tokenizer-quality table: every prefix against its target, the image and the simple codes."""
+    return [row | {"num_images": metrics["psnr_images"]} for row in quality_rows(metrics, codebook_size)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,14 +229,17 @@ def reconstruction_rows(metrics: dict) -> list[dict]:
 def run(ctx) -> dict:
     cfg: EvaluateConfig = ctx.params.evaluate
     device = stage_device(ctx.params.run.device)
-    val = ImageShards(ctx.args.data, "val")
+    val, train = ImageShards(ctx.args.data, "val"), ImageShards(ctx.args.data, "train")
     reference = reference_for(ctx.args.reference, cfg.feature_extractor)
     scorer = Scorer(cfg, ctx.args.evalnet, device)
     codec = load_codec(ctx.args.tokenizer, device)
     n = codec.num_tokens
     generation, truncation = generation_metrics(scorer, Path(ctx.args.samples), reference, val.image_shape,
                                                 val.num_classes, n)
-    reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images)
+    reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images,
+                                            train, cfg.baseline_images)
+    # the quality targets' range: prefixes i <= 3N/4 (i <= 12 of 16; the last ceilings approach the image)
+    reconstruction["quality_summary"] = quality_summary(reconstruction, compare_up_to=3 * n // 4)
     metrics = {
         **generation,
         **reconstruction,
@@ -239,7 +254,7 @@ def run(ctx) -> dict:
     }
     tables = {"generation.csv": _csv(generation_rows(metrics, val.manifest.get("source", "?"))),
               "truncation.csv": _csv(truncation_rows(truncation, n)),
-              "reconstruction.csv": _csv(reconstruction_rows(metrics))}
+              "reconstruction.csv": _csv(reconstruction_rows(metrics, codec.tokenizer.config.codebook_size))}
     out = Path(ctx.args.out)
     with atomic_path(out, directory=True) as tmp:
         for name, text in tables.items():

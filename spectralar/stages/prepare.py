@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spectralar.config import DataConfig
 from spectralar.data import fashion_mnist, imagefolder
-from spectralar.data.shards import MANIFEST
+from spectralar.data.shards import DTYPES, MANIFEST
 from spectralar.data.writer import ShardWriter
 from spectralar.io import ArtifactError, atomic_path, sha256_file, write_json
 from spectralar.log import progress
@@ -61,6 +61,7 @@ def _manifest(cfg: DataConfig, class_names, image_shape, splits: dict, skipped: 
         "format": "raw" if cfg.source == "fashion_mnist" else cfg.shard_format,
         "class_names": list(class_names),
         "image_shape": list(image_shape),  # (H, W, C)
+        "dtypes": dict(DTYPES),  # of the shards' images, labels and (jpeg) offsets
         "splits": splits,
         "skipped": skipped,
         "sources": sources,

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from spectralar.config import require
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.extractors import extractor_for
 from spectralar.evaluation.metrics import extract_features, load_adm_reference, reference_statistics, save_reference
@@ -34,8 +35,10 @@ class ReferenceStatsConfig:
     adm_reference: str = ""  # ImageNet: VIRTUAL_imagenet256_labeled.npz
 
     def __post_init__(self) -> None:
-        if not self.extractors or self.num_images < 2 or self.batch_size < 1:
-            raise ValueError("extractors must be non-empty, num_images >= 2, batch_size >= 1")
+        if not self.extractors:
+            raise ValueError("extractors must be non-empty")
+        require(self, "num_images", at_least=2, meaning="a covariance needs 2 images")
+        require(self, "batch_size", at_least=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,18 +27,19 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from spectralar.artifacts import CONFIG, SAMPLES_FILE, TRUNCATED_DIR, load_codec, load_generator, truncated_name
-from spectralar.config import ConfigError
+from spectralar.config import ConfigError, require
 from spectralar.data.loader import to_float, to_uint8
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.measures import psnr
 from spectralar.io import atomic_path, sha256_file
+from spectralar.log import progress
 from spectralar.models.codec import SpectralCodec, decode_uint8
 from spectralar.models.generator import SpectralGPT
 from spectralar.models.sampling import cyclic_labels, generate
@@ -62,14 +63,13 @@ class SampleConfig:
     superres_samples: int = 10  # samples super-resolved 2x, Stride and Patch (0 = off)
 
     def __post_init__(self) -> None:
-        if self.num_per_class < 1 or self.batch_size < 1:
-            raise ValueError("num_per_class and batch_size must be positive")
-        if self.cfg_scale < 0 or self.temperature <= 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
-            raise ValueError("need cfg_scale >= 0, temperature > 0, top_k >= 0 and top_p in [0, 1]")
-        if any(k < 0 for k in self.truncate) or min(self.progression_samples, self.superres_samples) < 0:
-            raise ValueError("truncate entries, progression_samples and superres_samples must be >= 0")
-        if self.completion_prefix < 1:
-            raise ValueError(f"completion_prefix must be >= 1, got {self.completion_prefix}")
+        require(self, "num_per_class", "batch_size", "completion_prefix", at_least=1)
+        require(self, "cfg_scale", at_least=0, meaning="0 = no guidance")
+        require(self, "temperature", above=0)
+        require(self, "top_k", at_least=0, meaning="0 = off")
+        require(self, "top_p", at_least=0, at_most=1, meaning="0 = off")
+        require(self, "truncate", at_least=0, meaning="0 = the full sequence")
+        require(self, "progression_samples", "superres_samples", at_least=0, meaning="0 = no figure")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +99,7 @@ def sample_ids(model: SpectralGPT, labels: torch.Tensor, cfg: SampleConfig, gene
                device: torch.device) -> tuple[torch.Tensor, float]:
     """Token ids (S, N) for ``labels`` in batches, and the seconds spent generating."""
     chunks, seconds = [], 0.0
-    for start in range(0, len(labels), cfg.batch_size):
+    for start in progress(range(0, len(labels), cfg.batch_size), desc="sample", unit="batch", log_every=10):
         labels_B = labels[start:start + cfg.batch_size].to(device)
         begin = time.perf_counter()
         chunks.append(generate(model, labels_B, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule,
@@ -169,11 +169,58 @@ def super_resolve(model: SpectralGPT, codec: SpectralCodec, images_BCHW: torch.T
 
 
 # ------------------------------------------------------------------------------------------------
-# Figures (Pillow only: byte-identical reruns)
+# Figures (Pillow only, its default font: byte-identical reruns)
 # ------------------------------------------------------------------------------------------------
 
-def tile(images_NHWC: np.ndarray, columns: int, scale: int = 2, pad: int = 2):
-    """A Pillow image of uint8 (N, H, W, C) images in rows of ``columns``, upscaled ``scale``x."""
+TEXT_SIZE = 12  # points of Pillow's default font (FreeType) in every label
+TEXT_MARGIN = 6  # pixels between a label and the images
+
+
+def _font(size: int = TEXT_SIZE):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _text_size(draw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def label(picture, cell: tuple[int, int], offset: tuple[int, int], row_titles=(), column_titles=(),
+          title: Optional[str] = None):
+    """``picture`` on a white canvas with a title above, a title left of each row and above each
+    column. ``cell`` is the (width, height) of one image with its padding, ``offset`` where the first
+    image starts, in ``picture``'s pixels: the titles are centred on the rows and columns."""
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    line = _text_size(measure, "Ag", font)[1] + TEXT_MARGIN
+    left = max((_text_size(measure, t, font)[0] for t in row_titles), default=-TEXT_MARGIN) + 2 * TEXT_MARGIN
+    top = (line if title else 0) + (line if column_titles else 0)
+    width = max(left + picture.width, _text_size(measure, title, font)[0] + 2 * TEXT_MARGIN if title else 0)
+    canvas = Image.new(picture.mode, (width, top + picture.height), 255)
+    canvas.paste(picture, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if picture.mode == "L" else (0, 0, 0)
+    if title:
+        draw.text((TEXT_MARGIN, TEXT_MARGIN // 2), title, font=font, fill=ink)
+    for r, text in enumerate(row_titles):
+        text_width, text_height = _text_size(draw, text, font)
+        middle = top + offset[1] + r * cell[1] + (cell[1] - offset[1]) // 2
+        draw.text((left - TEXT_MARGIN - text_width, middle - text_height // 2), text, font=font, fill=ink)
+    for c, text in enumerate(column_titles):
+        text_width, _ = _text_size(draw, text, font)
+        middle = left + offset[0] + c * cell[0] + (cell[0] - offset[0]) // 2
+        draw.text((middle - text_width // 2, top - line + TEXT_MARGIN // 2), text, font=font, fill=ink)
+    return canvas
+
+
+def tile(images_NHWC: np.ndarray, columns: int, scale: int = 2, pad: int = 2, row_titles=(), column_titles=(),
+         title: Optional[str] = None):
+    """A Pillow image of uint8 (N, H, W, C) images in rows of ``columns``, upscaled ``scale``x, with
+    optional titles (:func:`label`)."""
     from PIL import Image
 
     n, h, w, c = images_NHWC.shape
@@ -183,7 +230,11 @@ def tile(images_NHWC: np.ndarray, columns: int, scale: int = 2, pad: int = 2):
         r, col = divmod(i, columns)
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
     picture = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    if not (row_titles or column_titles or title):
+        return picture
+    return label(picture, ((w + pad) * scale, (h + pad) * scale), (pad * scale, pad * scale), row_titles,
+                 column_titles, title)
 
 
 def slug(name: str) -> str:
@@ -202,7 +253,8 @@ def grid_classes(num_classes: int, limit: int = GRID_CLASSES) -> list[int]:
 
 def write_grids(directory: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
                 per_row: int = 8) -> None:
-    """grid.png: a row of samples per shown class; grid_<index>_<class>.png: up to 8 rows of one class.
+    """grid.png: a row of samples per shown class, named on the left; grid_<index>_<class>.png: up to
+    8 rows of one class under its name.
 
     Only :func:`grid_classes` are drawn, so a 1000-class run writes 16 small figures, not a
     half-million-pixel-tall one; every sample is in samples.npz regardless.
@@ -210,28 +262,65 @@ def write_grids(directory: Path, images: np.ndarray, labels: np.ndarray, class_n
     shown = [c for c in grid_classes(len(class_names)) if (labels == c).any()]
     rows = [images[labels == c][:per_row] for c in shown]
     width = min(len(r) for r in rows)
-    tile(np.concatenate([r[:width] for r in rows]), width).save(directory / "grid.png")
+    tile(np.concatenate([r[:width] for r in rows]), width, row_titles=[class_names[c] for c in shown]
+         ).save(directory / "grid.png")
     for index in shown:
         own = images[labels == index][:per_row * per_row]
-        tile(own, min(per_row, len(own))).save(directory / f"grid_{index}_{slug(class_names[index])}.png")
+        tile(own, min(per_row, len(own)), title=f"{class_names[index]} (class {index})"
+             ).save(directory / f"grid_{index}_{slug(class_names[index])}.png")
+
+
+VISIBLE_CHANGE = 2.0  # mean |difference| in uint8 levels below which two decoded prefixes look the same
+
+
+def first_visible_prefix(frames: list[np.ndarray], threshold: float = VISIBLE_CHANGE) -> int:
+    """Index of the first frame that any sample visibly changes after: the leading frames before it
+    look the same as their successor (the first tokens of a sample often all decode to the same
+    near-uniform grey), so an animation starting there opens on the first change, not on a still.
+    ``frames[i]`` is the (B, H, W, C) decoding of the first i + 1 tokens; the last frame always shows."""
+    for i in range(len(frames) - 1):
+        change = np.abs(frames[i + 1].astype(np.int16) - frames[i].astype(np.int16))  # (B, H, W, C)
+        if change.reshape(len(change), -1).mean(axis=1).max() >= threshold:
+            return i
+    return len(frames) - 1
 
 
 @torch.no_grad()
 def write_progression(directory: Path, codec: SpectralCodec, ids_BN: torch.Tensor) -> None:
-    """Decoded prefixes 1..N of a few samples: a PNG (row = sample, column = prefix) and a GIF."""
+    """Decoded prefixes 1..N of a few samples: a PNG (row = sample, column = prefix, its token count
+    above) and a GIF from :func:`first_visible_prefix` on, the token count on each frame."""
     n = ids_BN.shape[1]
     frames = [decode_uint8(codec, ids_BN[:, :i], len(ids_BN)) for i in range(1, n + 1)]  # N x (B, H, W, C)
     by_sample = np.stack(frames, axis=1).reshape(-1, *frames[0].shape[1:])  # (B*N, H, W, C) row-major
-    tile(by_sample, n).save(directory / "progression.png")
-    strips = [tile(frame, len(frame), scale=4) for frame in frames]
-    durations = [300] * (n - 1) + [1500]  # hold the finished image
+    tile(by_sample, n, column_titles=[str(i) for i in range(1, n + 1)],
+         title="tokens decoded (coarse to fine), one sample per row").save(directory / "progression.png")
+    start = first_visible_prefix(frames)
+    strips = [tile(frames[i], len(frames[i]), scale=4, title=f"{i + 1} / {n} tokens") for i in range(start, n)]
+    durations = [300] * (len(strips) - 1) + [1500]  # hold the finished image
     strips[0].save(directory / "progression.gif", save_all=True, append_images=strips[1:], duration=durations,
                    loop=0)
 
 
+COMPLETION_ROWS = ("input", "completion", "reconstruction", "original")
+
+
+def completion_row_titles(prefix: int, num_tokens: int) -> list[str]:
+    return [f"first {prefix} tokens", f"completed to {num_tokens}", f"all {num_tokens} tokens", "original"]
+
+
+def write_completion(directory: Path, completion: dict[str, torch.Tensor], prefix: int, num_tokens: int) -> None:
+    """completion.png: a column per shown class, rows titled as :data:`COMPLETION_ROWS`."""
+    rows = [to_uint8(completion[key]).permute(0, 2, 3, 1).cpu().numpy() for key in COMPLETION_ROWS]
+    tile(np.concatenate(rows), len(rows[0]), row_titles=completion_row_titles(prefix, num_tokens),
+         title="spectrum completion, one val image per class").save(directory / "completion.png")
+
+
+SUPERRES_TITLES = {"upsample": "bilinear 2x", "stride": "Stride (ours)", "patch": "Patch (ours)"}
+
+
 def write_superres(directory: Path, model: SpectralGPT, codec: SpectralCodec, images_BHWC: np.ndarray,
                    labels_B: torch.Tensor, cfg: SampleConfig, seed: int, device: torch.device) -> None:
-    """superres_{upsample,stride,patch}.npz (ADM layout) and superres.png (a row per method)."""
+    """superres_{upsample,stride,patch}.npz (ADM layout) and superres.png (a row per method, named)."""
     x = to_float(torch.from_numpy(images_BHWC).permute(0, 3, 1, 2).to(device))  # (B, C, H, W)
     results = {"upsample": F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)}
     for mode in SUBIMAGE_MODES:
@@ -242,7 +331,8 @@ def write_superres(directory: Path, model: SpectralGPT, codec: SpectralCodec, im
         array = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         np.savez(directory / f"superres_{name}.npz", arr_0=array, labels=labels_B.numpy().astype(np.int64))
         rows.append(array)
-    tile(np.concatenate(rows), len(images_BHWC)).save(directory / "superres.png")
+    tile(np.concatenate(rows), len(images_BHWC), row_titles=[SUPERRES_TITLES[name] for name in results]
+         ).save(directory / "superres.png")
 
 
 def completion_inputs(shards: ImageShards, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,9 +389,7 @@ def run(ctx) -> dict:
         write_grids(tmp, images, labels_np, class_names)
         if cfg.progression_samples:
             write_progression(tmp, codec, ids[:cfg.progression_samples])
-        rows = [to_uint8(completion[key]).permute(0, 2, 3, 1).cpu().numpy()
-                for key in ("input", "completion", "reconstruction", "original")]
-        tile(np.concatenate(rows), len(rows[0])).save(tmp / "completion.png")
+        write_completion(tmp, completion, cfg.completion_prefix, n)
         if cfg.superres_samples:
             write_superres(tmp, model, codec, images[:cfg.superres_samples], labels[:cfg.superres_samples], cfg,
                            ctx.params.run.seed + 2, device)

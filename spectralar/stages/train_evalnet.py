@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from spectralar.config import require
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.domain import save_domain_net, train_domain_net
 from spectralar.io import atomic_path
@@ -30,8 +31,8 @@ class TrainEvalnetConfig:
     max_train_images: int = 60000  # first images of the train split
 
     def __post_init__(self) -> None:
-        if min(self.epochs, self.batch_size, self.width, self.feature_dim, self.max_train_images) < 1:
-            raise ValueError("epochs, batch_size, width, feature_dim and max_train_images must be positive")
+        require(self, "epochs", "batch_size", "width", "feature_dim", "max_train_images", at_least=1)
+        require(self, "lr", above=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

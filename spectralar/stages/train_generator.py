@@ -34,9 +34,10 @@ from typing import Callable
 
 from spectralar.artifacts import CONFIG, GENERATOR_FILE, HISTORY, generator_config_for, load_tokens, save_generator, \
     write_history
-from spectralar.config import ConfigError
+from spectralar.config import ConfigError, require
 from spectralar.data.loader import global_batch_indices
 from spectralar.io import atomic_path
+from spectralar.model_card import MODEL_CARD, write_model_card
 from spectralar.models.generator import GeneratorConfig, SpectralGPT
 from spectralar.stages.common import Checkpointer, stage_device
 from spectralar.training import (
@@ -53,6 +54,7 @@ from spectralar.training import (
     mfu,
     model_flops_per_sample,
     peak_flops,
+    progress,
     set_lr,
     step_generator,
 )
@@ -76,14 +78,12 @@ class TrainGeneratorConfig:
     val_images: int = 1000  # held-out teacher-forced loss/accuracy on the EMA weights (0 = skip)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.steps < 1:
-            raise ValueError("batch_size and steps must be positive")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
-        if self.base_lr < 0 or self.final_lr < 0 or self.grad_clip <= 0:
-            raise ValueError("base_lr and final_lr must be >= 0 and grad_clip > 0")
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.val_images < 0:
-            raise ValueError("checkpoint_every and log_every must be positive, val_images >= 0")
+        require(self, "batch_size", "steps", "checkpoint_every", "log_every", at_least=1)
+        require(self, "warmup_steps", at_least=0, at_most=self.steps, meaning="at most steps")
+        require(self, "base_lr", "grad_clip", above=0)
+        require(self, "final_lr", "weight_decay", at_least=0)
+        require(self, "betas", "ema_decay", at_least=0, below=1)
+        require(self, "val_images", at_least=0, meaning="0 = skip the held-out evaluation")
 
     @property
     def peak_lr(self) -> float:
@@ -124,10 +124,11 @@ def matmul_parameters(model: SpectralGPT) -> int:
 
 
 def flops_per_image(model: SpectralGPT) -> float:
-    """Training FLOPs per image of N tokens: N·(6·P + 12·L·N·C) (spectralar.training.meter)."""
-    cfg = model.config
-    return model_flops_per_sample(matmul_parameters(model), cfg.num_tokens, layers=cfg.depth,
-                                  width=cfg.resolved_width)
+    """Training FLOPs per image of N tokens: N·(6·P + 12·L·N·C) + 6·P_AdaLN, the AdaLN projections
+    acting once per image, the other P once per token (spectralar.training.meter)."""
+    cfg, per_image = model.config, model.per_image_parameters()
+    return model_flops_per_sample(matmul_parameters(model) - per_image, cfg.num_tokens, layers=cfg.depth,
+                                  width=cfg.resolved_width, per_sample_parameters=per_image)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -221,7 +222,9 @@ class Trainer:
         start = self.checkpointer.resume(objects) if self.checkpointer is not None else 0
         self.model.train()
         meter, begin = Throughput(), time.perf_counter()
-        for step in range(start, cfg.steps):
+        self.bar = progress(range(start, cfg.steps), total=cfg.steps, initial=start, desc="train_generator",
+                            log_every=cfg.log_every, unit="step", enabled=self.dist.is_main, logger=self.log)
+        for step in self.bar:
             terms = self._train_step(step, optimizer)
             self.history.add(terms["loss"], terms["accuracy"])
             objects["ema"].update(self.model)
@@ -263,10 +266,11 @@ class Trainer:
         self.history.append(row)  # results only: the rate is telemetry (log line, MLflow)
         tokens_per_second = round(images_per_second * self.model_cfg.num_tokens, 1)
         if self.dist.is_main:
-            self.log.info("step %d/%d loss %.4f acc %.4f lr %.3g grad %.3g %.0f tok/s", step, self.cfg.steps,
-                          loss, accuracy, row["lr"], row["grad_norm"], tokens_per_second)
-            self.log_metrics({**{f"train/{k}": v for k, v in row.items() if k != "step"},
-                              "train/tokens_per_s": tokens_per_second}, step=step)
+            self.bar.set_postfix(loss=loss, acc=accuracy, lr=row["lr"], grad=row["grad_norm"],
+                                 tok_per_s=round(tokens_per_second))
+            # One name per quantity: the curve's keys are the metrics file's (train_loss, ...).
+            self.log_metrics({**{f"train_{k}": v for k, v in row.items() if k != "step"},
+                              "train_tokens_per_s": tokens_per_second}, step=step)
 
 
 @torch.no_grad()
@@ -300,10 +304,17 @@ def _write_outputs(ctx, trainer: Trainer, manifest: dict, metrics: dict) -> None
                          num_classes=model_cfg.num_classes, width=model_cfg.resolved_width,
                          heads=model_cfg.resolved_heads, drop_path_rate=model_cfg.resolved_drop_path_rate,
                          parameters=metrics["parameters"])
-    for name in (HISTORY, CONFIG):
+        write_model_card(tmp, GENERATOR_FILE, metrics, data=ctx.args.tokens)
+    for name in (HISTORY, CONFIG, MODEL_CARD):
         ctx.tracker.log_artifact(out / name)
     if ctx.params.tracking.log_checkpoints:
         ctx.tracker.log_artifact(out / GENERATOR_FILE)
+    if ctx.tracker.active:  # an MLflow model: mlflow.pytorch.load_model(uri) gives the SpectralGPT back
+        ids_BN = torch.from_numpy(trainer.ids[:2].astype(np.int64)).to(trainer.device)
+        labels_B = torch.from_numpy(trainer.labels[:2].astype(np.int64)).to(trainer.device)
+        with torch.no_grad():
+            logits_BNV = trainer.model.eval()(ids_BN, labels_B)  # the signature: ids, labels -> logits
+        ctx.tracker.log_model("generator", trainer.model, {"ids": ids_BN, "labels": labels_B}, logits_BNV)
 
 
 def run(ctx) -> dict:

@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from spectralar.artifacts import PROXY_FILE, proxy_config_for, save_proxy
+from spectralar.config import require
 from spectralar.data.loader import step_loader, to_float
 from spectralar.data.shards import ImageShards
 from spectralar.io import atomic_path
+from spectralar.model_card import MODEL_CARD, write_model_card
 from spectralar.evaluation.measures import codebook_statistics, per_image_mse, psnr_from_mse
 from spectralar.models.proxy_vq import ProxyVQModel, load_maskgit_checkpoint
 from spectralar.stages.common import Checkpointer, stage_device
+from spectralar.log import progress
 from spectralar.training import EMA, DeadCodeRestarts, Throughput, build_adamw, check_finite, lr_at, set_lr
 
 
@@ -46,12 +49,12 @@ class TrainProxyConfig:
     eval_images: int = 1000
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("steps, batch_size, checkpoint_every and log_every must be positive")
-        if self.dead_code_restart_every < 0:
-            raise ValueError("dead_code_restart_every must be >= 0 (0 = off)")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        require(self, "steps", "batch_size", "checkpoint_every", "log_every", "eval_images", at_least=1)
+        require(self, "lr", "grad_clip", above=0)
+        require(self, "weight_decay", at_least=0)
+        require(self, "ema_decay", at_least=0, below=1)
+        require(self, "dead_code_restart_every", at_least=0, meaning="0 = off")
+        require(self, "warmup_steps", at_least=0, at_most=self.steps, meaning="at most steps")
 
 
 
@@ -82,7 +85,8 @@ def run(ctx) -> dict:
         save_proxy(tmp / PROXY_FILE, model)
         ctx.write_config(tmp, image_size=model_cfg.image_size, in_channels=model_cfg.in_channels,
                          grid_size=model_cfg.grid_size, downsample_factor=model_cfg.downsample_factor)
-    ctx.log_outputs(out, ("config.json",), checkpoints=(PROXY_FILE,))
+        write_model_card(tmp, PROXY_FILE, metrics, data=ctx.args.data)
+    ctx.log_outputs(out, ("config.json", MODEL_CARD), checkpoints=(PROXY_FILE,))
     Checkpointer(ctx.args.checkpoints, "").clear()  # only now that every output is written
     ctx.log.info("proxy: PSNR %.2f dB, codebook usage %.1f%%", metrics["psnr"], 100 * metrics["codebook_usage"])
     return metrics
@@ -112,7 +116,9 @@ def train(model: ProxyVQModel, cfg: TrainProxyConfig, train_shards: ImageShards,
                          total_steps=cfg.steps, in_memory=train_shards.format == "raw")
     meter = Throughput()
     begin = time.perf_counter()
-    for step, (images, _, _) in enumerate(loader, start=start):
+    bar = progress(loader, total=cfg.steps, initial=start, desc="train_proxy", log_every=cfg.log_every,
+                   unit="step", logger=log)
+    for step, (images, _, _) in enumerate(bar, start=start):
         set_lr(optimizer, lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                                 schedule="cosine", final_lr=cfg.lr * 0.1))
         x = to_float(images.to(device, non_blocking=True))  # (B, C, H, W)
@@ -134,9 +140,9 @@ def train(model: ProxyVQModel, cfg: TrainProxyConfig, train_shards: ImageShards,
                              latents_BDhw.permute(0, 2, 3, 1).reshape(-1, model.config.code_dim),
                              optimizer=optimizer, ema_shadow=ema.shadow["quantize.embedding.weight"])
         if (step + 1) % cfg.log_every == 0:
-            log.info("step %d/%d recon %.4f vq %.4f lr %.2e %.0f img/s", step + 1, cfg.steps,
-                     recon_loss.item(), vq_loss.item(), optimizer.param_groups[0]["lr"], meter.rate)
-            log_metrics({"train/recon": recon_loss.item(), "train/vq": vq_loss.item()}, step=step + 1)
+            bar.set_postfix(recon=recon_loss.item(), vq=vq_loss.item(), lr=optimizer.param_groups[0]["lr"],
+                            img_per_s=round(meter.rate))
+            log_metrics({"train_recon": recon_loss.item(), "train_vq": vq_loss.item()}, step=step + 1)
         if checkpointer is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             checkpointer.save(step + 1, objects)
     ema.copy_to(model)

@@ -12,6 +12,15 @@ The record is a tree in one experiment (``tracking.experiment``), which ``mlflow
                  for a stage that did not execute (restored from DVC's run cache, or reused by a
                  sweep row) from its metrics file, so the record of the pipeline is complete anyway
 
+Names, params and tags. Runs are named ``<stage> #<n> <params hash>`` and ``pipeline <params file> #<n>
+<params digest>`` (n counts the runs of that stage, or of that pipeline key, so names never repeat);
+the pipeline run holds every resolved param of its params file, flattened (``train_generator.steps``).
+Every run carries MLflow's own ``mlflow.user``, ``mlflow.source.name``/``.type`` and
+``mlflow.source.git.commit``. A stage's results (``StageRun.log_results``) are metrics, lists of numbers
+are metrics over steps 1..n (PSNR per prefix length), and constants (sizes, counts, settings, the paper's
+numbers) and text are params; a result with a training curve (``train_loss``) is that curve's last point.
+``StageRun.log_model`` logs a torch module as an MLflow model (``mlflow.pytorch``, with a signature).
+
 Pipeline runs. A pipeline is identified by its *key*, a hash of the project root and the absolute
 params file path, so each params file (each ablation row) gets its own pipeline runs. A stage joins
 the *open* (RUNNING) pipeline run of its key, or creates one; the report stage calls
@@ -25,7 +34,9 @@ Stores. A relative ``sqlite:///`` path is relative to the *project root*, which 
 directory except inside DVC's queued experiments (``dvc exp run --queue``/``--temp``, ``dvc queue
 start``): those run the stages in a temporary copy under ``<root>/.dvc/tmp/exps/``, and the record
 must land in ``<root>/mlflow.db`` (artifacts in ``<root>/mlartifacts``), not in the copy that is
-deleted afterwards. See ``project_root``.
+deleted afterwards. See ``project_root``.  Artifacts live in ``mlartifacts/`` beside the sqlite store; a copied or moved
+project (its ``mlflow.db`` says the artifacts are elsewhere) is pointed at its own ``mlartifacts/`` on the
+next connection (``store.relocate_artifacts``), so a copy never writes into the original.
 
 Tracking is best effort: a failure (locked or unwritable store, mlflow missing) is logged as a
 warning once and tracking switches off for the rest of the stage; nothing here raises. The metrics
@@ -38,7 +49,7 @@ Environment overrides (handy for tests and clusters):
                                  (its owner ends it: ``finish_pipeline`` adds to it but leaves it open)
 
 Modules: ``store`` (project root, store URI, lock, best-effort calls), ``calls`` (params, metrics,
-tags and artifacts of one run), ``tags`` (the tree's tag names), ``pipeline`` (pipeline runs,
+tags and artifacts of one run), ``tags`` (the tree's tag names), ``models`` (MLflow models), ``pipeline`` (pipeline runs,
 ``StageRecord``, ``finish_pipeline``), ``runs`` (``StageRun``). Import from the package.
 """
 

@@ -4,6 +4,7 @@ report's ``finish_pipeline``, which records the stages that did not execute and 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,10 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from spectralar.config import TrackingConfig
-from spectralar.tracking.calls import log_metrics, log_params, log_path, set_tags
-from spectralar.tracking.store import Store, git_commit, project_root
+from spectralar.tracking.calls import log_params, log_path, log_results, set_tags
+from spectralar.tracking.store import Store, command_line, git_commit, next_number, project_root, standard_tags
 from spectralar.tracking.tags import (
-    PARAMS_HASH, PARENT_RUN_ENV, PARENT_RUN_ID, PIPELINE_KEY, PIPELINE_RUN_ID, RESTORED, ROLE, STAGE,
+    PARAMS_DIGEST, PARAMS_HASH, PARENT_RUN_ENV, PARENT_RUN_ID, PIPELINE_KEY, PIPELINE_RUN_ID, RESTORED, ROLE, STAGE,
 )
 
 log = logging.getLogger("spectralar.tracking")
@@ -27,13 +28,32 @@ def pipeline_key(params_file: str | Path, root: str | Path | None = None) -> str
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def resolved_params(params_file: str | Path) -> dict[str, Any]:
+    """Every section of the params file as the stages read it (the strict loader's values, defaults
+    filled in); empty when the file does not load (the stage itself reports that)."""
+    from spectralar.config import load_params
+
+    try:
+        params = load_params(params_file)
+    except Exception as err:  # noqa: BLE001 -- best effort: the pipeline run is still made
+        log.warning("pipeline run without params: %s does not load (%s)", params_file, err)
+        return {}
+    return params.subset(tuple(params.sections))
+
+
+def params_digest(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Pipeline:
-    """What identifies and describes one pipeline run: key, tags and run name."""
+    """What identifies and describes one pipeline run: key, tags, the resolved params and the run
+    name's stem (``pipeline <params file>``; ``open`` numbers it)."""
 
     key: str
     tags: Mapping[str, str]
     run_name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, params_file: str | Path, extra_tags: Optional[Mapping[str, str]], commit: str) -> "Pipeline":
@@ -47,9 +67,12 @@ class Pipeline:
             "spectralar.params_file": shown,
             "spectralar.workdir": str(workdir),
             "spectralar.git_commit": commit,
+            **standard_tags(commit, command_line()),
             **{k: str(v) for k, v in (extra_tags or {}).items()},
         }
-        return cls(tags[PIPELINE_KEY], tags, f"pipeline {shown}")
+        params = resolved_params(absolute)
+        tags[PARAMS_DIGEST] = params_digest(params)
+        return cls(tags[PIPELINE_KEY], tags, f"pipeline {shown}", params)
 
     def find_open(self, client, experiment_id: str) -> Optional[str]:
         runs = client.search_runs(
@@ -65,8 +88,12 @@ class Pipeline:
         """The open pipeline run of this key, created if there is none. Call under the lock."""
         run_id = self.find_open(client, experiment_id)
         if run_id is None:
-            run_id = client.create_run(experiment_id, run_name=self.run_name, tags=dict(self.tags)).info.run_id
-            log.info("MLflow pipeline run %s (%s)", run_id, self.run_name)
+            number = next_number(client, experiment_id,
+                                 f"tags.`{ROLE}` = 'pipeline' and tags.`{PIPELINE_KEY}` = '{self.key}'")
+            name = f"{self.run_name} #{number} {self.tags[PARAMS_DIGEST][:6]}"
+            run_id = client.create_run(experiment_id, run_name=name, tags=dict(self.tags)).info.run_id
+            log_params(client, run_id, self.params)  # flattened: train_generator.steps, ...
+            log.info("MLflow pipeline run %s (%s)", run_id, name)
         return run_id
 
 
@@ -107,15 +134,18 @@ def _restore(client, experiment_id: str, parent_id: str, pipeline_key_: str, com
         ROLE: "stage",
         STAGE: record.stage,
         "spectralar.git_commit": commit,
+        **standard_tags(commit, command_line()),
         PARAMS_HASH: record.params_hash,
         RESTORED: "true",
         PIPELINE_KEY: pipeline_key_,
         PARENT_RUN_ID: parent_id,
         PIPELINE_RUN_ID: parent_id,
     }
-    run_id = client.create_run(experiment_id, run_name=f"{record.stage} (restored)", tags=tags).info.run_id
+    number = next_number(client, experiment_id, f"tags.`{STAGE}` = '{record.stage}'")
+    name = f"{record.stage} (restored) #{number} {record.params_hash[:6]}"
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     log_params(client, run_id, record.params)
-    log_metrics(client, run_id, record.metrics)
+    log_results(client, run_id, record.metrics)
     for path in record.artifacts:
         log_path(client, run_id, path)
     client.set_terminated(run_id, "FINISHED")
@@ -173,7 +203,7 @@ def finish_pipeline(
             restored.append(record.stage)
     report_tags = {**(pipeline.tags if owner is None else {}), "spectralar.restored_stages": ",".join(restored)}
     store.call("tag pipeline run", set_tags, client, parent_id, report_tags)
-    store.call("log report metrics", log_metrics, client, parent_id, metrics or {})
+    store.call("log report results", log_results, client, parent_id, metrics or {})
     for item in artifacts:
         path, artifact_path = item if isinstance(item, tuple) else (item, None)
         store.call("log report artifact", log_path, client, parent_id, path, artifact_path)

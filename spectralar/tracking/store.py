@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import hashlib
 import logging
 import os
+import sqlite3
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from spectralar.config import TrackingConfig
+from spectralar.tracking.tags import (
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER,
+)
 
 log = logging.getLogger("spectralar.tracking")
 
@@ -76,6 +82,27 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
+def standard_tags(commit: str, source: str) -> dict[str, str]:
+    """MLflow's user, source and code-version tags (the columns the UI shows), for a client-made run."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = os.environ.get("USER", "unknown")
+    tags = {MLFLOW_USER: user, MLFLOW_SOURCE_NAME: source, MLFLOW_SOURCE_TYPE: "LOCAL"}
+    sha = commit.removesuffix("-dirty")
+    if sha != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = sha
+    return tags
+
+
+def command_line() -> str:
+    """How this process was started, for ``mlflow.source.name`` (``python -m spectralar <stage>``)."""
+    program = "python -m spectralar" if sys.argv and sys.argv[0].endswith(("spectralar/__main__.py", "-m")) \
+        else os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    stage = next((a for a in sys.argv[1:2] if not a.startswith("-")), "")
+    return f"{program} {stage}".strip()
+
+
 def sqlite_path(uri: str) -> Optional[Path]:
     """The database file of a ``sqlite:///`` URI (relative or absolute), None for any other store."""
     if uri.startswith("sqlite:///"):
@@ -102,13 +129,72 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+ARTIFACTS_DIR = "mlartifacts"  # beside the sqlite store: <project>/mlartifacts
+
+
+def artifact_root(db: Path) -> str:
+    """The artifact location of a sqlite store's experiments: ``mlartifacts/`` beside the database."""
+    return (db.resolve().parent / ARTIFACTS_DIR).as_uri()
+
+
+def relocate_artifacts(db: Path, experiment_id: str, location: str) -> Optional[str]:
+    """Point an experiment (and its runs and logged models) that a copied or moved project brought
+    along at this project's ``mlartifacts/``; returns the old location, None when nothing moved.
+
+    MLflow stores absolute artifact URIs (it resolves a relative location against the working
+    directory) and has no API to change them, so a copy of the project would otherwise keep writing
+    artifacts into the original, and show the original's files. Only a location this module made
+    (one that ends in ``/mlartifacts``) is rewritten; a location someone chose is left alone.
+    """
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        row = connection.execute("SELECT artifact_location FROM experiments WHERE experiment_id = ?",
+                                 (int(experiment_id),)).fetchone()
+        old = row[0] if row else None
+        if old is None or old == location or not old.startswith("file:") or not old.endswith("/" + ARTIFACTS_DIR):
+            return None
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                           (location, int(experiment_id)))
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            try:
+                connection.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                   f"WHERE experiment_id = ? AND substr({column}, 1, ?) = ?",
+                                   (location, len(old) + 1, int(experiment_id), len(old), old))
+            except sqlite3.OperationalError:  # a table this MLflow version does not have
+                pass
+    return old
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+    """The experiment's id, created if needed (artifacts beside a sqlite store, opening on its runs
+    table in the UI), and moved to this project's ``mlartifacts/`` if the project was copied."""
     db = sqlite_path(uri)
-    location = (db.resolve().parent / "mlartifacts").as_uri() if db else None
-    return client.create_experiment(name, artifact_location=location)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=artifact_root(db) if db else None)
+    else:
+        experiment_id = experiment.experiment_id
+        if db is not None:
+            old = relocate_artifacts(db, experiment_id, artifact_root(db))
+            if old is not None:
+                log.info("MLflow artifacts of experiment %s moved from %s to %s (a copied project)", name, old,
+                         artifact_root(db))
+    if experiment is None or experiment.tags.get(EXPERIMENT_KIND) is None:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING)
+    return experiment_id
+
+
+def next_number(client, experiment_id: str, filter_string: str) -> int:
+    """1 + the number of runs that match, deleted ones included: a counter for unique run names."""
+    from mlflow.entities import ViewType
+
+    count, token = 0, None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=ViewType.ALL,
+                                  max_results=1000, page_token=token)
+        count += len(page)
+        token = page.token
+        if not token:
+            return count + 1
 
 
 class Store:

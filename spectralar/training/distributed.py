@@ -133,6 +133,42 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on every rank) concatenated along dim 0 in rank order.
+
+    Ranks hold contiguous slices of one global batch, so the result is the tensor a single process
+    would hold for the whole batch; every rank gets it (e.g. to make a data-dependent decision,
+    such as re-seeding dead codes, identically everywhere). Without a process group it is ``tensor``.
+    """
+    world_size = _group_size()
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def data_parallel(module: nn.Module, ctx: DistributedContext) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel when ``ctx`` spans several processes, else itself.
+
+    DDP averages the gradients of the parameters that require them (set ``requires_grad`` before
+    wrapping), overlapping the all-reduce with the backward pass; gradients follow only calls of the
+    wrapper's ``forward``, never of the inner module's other methods.
+    """
+    if not ctx.is_distributed:
+        return module
+    device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def gradient_sync(module: nn.Module, sync: bool) -> ContextManager[object]:
+    """Around a backward pass: DDP all-reduces the gradients only when ``sync`` (the last
+    micro-batch of an accumulated step); a null context for an unwrapped module."""
+    if sync or not isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if _group_size() > 1:

@@ -1,4 +1,6 @@
-"""Throughput, FLOP estimates, model FLOPs utilisation (MFU) and progress reporting.
+"""Throughput, FLOP estimates, model FLOPs utilisation (MFU) and training histories.
+
+Progress reporting is ``spectralar.log.progress`` (re-exported here for the training loops).
 
 FLOP counts follow the PaLM paper's MFU accounting (Chowdhery et al. 2022, appendix B):
 a training step costs 6 FLOPs per parameter per token (2 forward, 4 backward) plus
@@ -10,16 +12,15 @@ from __future__ import annotations
 
 import collections
 import logging
-import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Callable, Optional, Union
 
 import torch
-from tqdm import tqdm
+
+from spectralar.log import progress  # noqa: F401 -- the one progress helper, re-exported
 
 logger = logging.getLogger("spectralar")
 
-T = TypeVar("T")
 
 # Dense (no structured sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s.
 # Matched in order against torch.cuda.get_device_name(), so "H100 PCIe" precedes "H100".
@@ -94,18 +95,21 @@ def transformer_flops_per_token(
 
 
 def model_flops_per_sample(
-    parameters: int, tokens: int, *, layers: int = 0, width: int = 0
+    parameters: int, tokens: int, *, layers: int = 0, width: int = 0, per_sample_parameters: int = 0
 ) -> float:
-    """Training FLOPs for one sample of ``tokens`` tokens: ``tokens · (6·N + 12·L·T·C)``.
+    """Training FLOPs for one sample of ``tokens`` tokens: ``tokens · (6·N + 12·L·T·C) + 6·N_s``.
 
-    For the d16 generator, one image is 64 tokens (plus the class token), N ≈ 310M.
+    ``parameters`` (N) act on every token; ``per_sample_parameters`` (N_s) act once per sample, as
+    the AdaLN projections of a class-conditional generator do (VAR: they map the sequence's one
+    class embedding to its gates, scales and shifts). Counting those per token would inflate the
+    d16 generator's FLOPs ≈ 1.5x (its AdaLN is a third of its parameters).
     """
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    if tokens < 0 or per_sample_parameters < 0:
+        raise ValueError(f"tokens and per_sample_parameters must be >= 0, got {tokens}, {per_sample_parameters}")
     per_token = transformer_flops_per_token(
         parameters, layers=layers, context=tokens, width=width
     )
-    return tokens * per_token
+    return tokens * per_token + 6.0 * per_sample_parameters
 
 
 def peak_flops_for_name(device_name: str) -> Optional[float]:
@@ -156,70 +160,6 @@ def mfu(
             f"{peak_flops_per_device}, {devices}"
         )
     return flops_per_sample * samples_per_second / (peak_flops_per_device * devices)
-
-
-# --------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------
-
-
-class _LoggedProgress:
-    """Iterator that logs one line every ``log_every`` items (the non-TTY stand-in for tqdm)."""
-
-    def __init__(
-        self, iterable: Iterable[T], total: Optional[int], desc: str, log_every: int,
-        enabled: bool,
-    ) -> None:
-        self.iterable = iterable
-        self.total = total
-        self.desc = desc
-        self.log_every = log_every
-        self.enabled = enabled
-        self.postfix: dict[str, Any] = {}
-        self.count = 0
-
-    def set_postfix(self, **values: Any) -> None:
-        """Values (loss terms, lr, images/s) appended to the next logged line, as in tqdm."""
-        self.postfix = values
-
-    def __iter__(self) -> Iterator[T]:
-        start = time.perf_counter()
-        for self.count, item in enumerate(self.iterable, start=1):
-            yield item
-            if self.enabled and (self.count % self.log_every == 0 or self.count == self.total):
-                logger.info("%s", self.format_line(time.perf_counter() - start))
-
-    def format_line(self, elapsed: float) -> str:
-        position = f"{self.count}/{self.total}" if self.total else f"{self.count}"
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        values = " ".join(f"{key}={_format_value(value)}" for key, value in self.postfix.items())
-        return f"{self.desc} {position} [{elapsed:.0f}s, {rate:.2f} it/s] {values}".rstrip()
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def progress(
-    iterable: Iterable[T],
-    total: Optional[int] = None,
-    desc: str = "",
-    log_every: int = 100,
-    *,
-    enabled: bool = True,
-) -> Union[tqdm, _LoggedProgress]:
-    """A tqdm bar when a person watches (stderr is a TTY), else a log line every ``log_every``.
-
-    Both returned objects iterate like ``iterable`` and accept ``set_postfix(**values)``.
-    Pass ``enabled=ctx.is_main`` so that only rank 0 reports.
-    """
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
-    if enabled and sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
-    return _LoggedProgress(iterable, total, desc, log_every, enabled)
 
 
 class HistoryRows:

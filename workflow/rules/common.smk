@@ -5,10 +5,10 @@ import os
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from spectralar.config import ConfigError, load_params
-from spectralar.dag import command_paths, final_outputs, is_directory, load_dag, stage_inputs, stage_outputs
+from spectralar.config import ConfigError, load_params, read_yaml
+from spectralar.dag import command_paths, final_outputs, is_directory, load_dag, report_entry, stage_inputs, stage_outputs
 from spectralar.stages import GPU_STAGES
-from spectralar.sweep import NOT_SWEPT, RowPlan, sweep_rows
+from spectralar.sweep import NOT_SWEPT, RUN_PATTERN, RowPlan, sweep_rows, table_inputs
 
 
 PIPELINE = load_dag("dvc.yaml")  # stage name -> StageSpec (`DAG` would shadow Snakemake's own class)
@@ -37,8 +37,10 @@ def _typed(value, base):
 def resolved_params_file(config):
     """The params file the stages read: params.yaml, or the resolved configuration written out.
     Snakemake's ``config`` is updated in place with the typed values."""
-    with open(PARAMS_FILE) as handle:
-        base = yaml.safe_load(handle)
+    try:
+        base = read_yaml(PARAMS_FILE)  # a key written twice is an error, as in the stages' loader
+    except ConfigError as err:
+        raise WorkflowError(str(err))
     resolved = _typed(dict(config), base)
     config.update(resolved)
     if resolved == base:
@@ -101,10 +103,20 @@ def as_inputs(groups):
     return {name: _one_or_all(paths) for name, paths in groups.items()}
 
 
+def as_output(path):
+    """A dvc.yaml out for Snakemake: a directory marked as such; a result marked for
+    ``snakemake --report`` with its caption and category (spectralar.dag.REPORT_OUTPUTS)."""
+    output = directory(path) if is_directory(path) else path
+    entry = report_entry(path)
+    if entry is None:
+        return output
+    return report(output, caption=os.path.join(workflow.basedir, entry.caption), category=entry.category,
+                  subcategory=entry.subcategory, labels=entry.labels() or None, patterns=list(entry.patterns))
+
+
 def as_outputs(groups):
-    """Named outputs with dvc.yaml's directory outs marked as such for Snakemake."""
-    return {name: _one_or_all([directory(path) if is_directory(path) else path for path in paths])
-            for name, paths in groups.items()}
+    """Named outputs of a stage, each made by :func:`as_output`."""
+    return {name: _one_or_all([as_output(path) for path in paths]) for name, paths in groups.items()}
 
 
 def sweep_table_inputs(spec):
@@ -114,11 +126,12 @@ def sweep_table_inputs(spec):
     return {flag: optional_input(path) for flag, path in command_paths(spec.cmd).items() if path in tables}
 
 
-# Sweeps (spectralar/sweep.py): the row's paths and params file on the same DAG.
+# Sweeps (spectralar/sweep.py): a run's paths and params file on the same DAG. {run} is the run's
+# folder below runs/<sweep>/: <row>, <row>/seed<k>, or seeds/seed<k> (the stages seed k's rows share).
 def sweep_plan(wildcards):
-    return RowPlan(PIPELINE, config, wildcards.sweep, wildcards.row)
+    return RowPlan.of_run(PIPELINE, config, wildcards.sweep, wildcards.run)
 
 
 def sweep_output(out):
-    path = f"runs/{{sweep}}/{{row}}/{out}"
+    path = f"runs/{{sweep}}/{{run}}/{out}"
     return directory(path) if is_directory(out) else path
