@@ -77,7 +77,7 @@ def project(tokenized, tmp_path) -> GeneratorProject:
 
 def _history(path: Path) -> list[dict]:
     with open(path) as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
 # ------------------------------------------------------------------------------------------ dump_tokens
@@ -126,7 +126,11 @@ def test_train_generator_outputs_and_checkpoint_round_trip(project):
     assert 0 < metrics["train_loss"] < 10 and 0 <= metrics["val_accuracy"] <= 1 and metrics["val_images"] == 10
     assert metrics["tokens_per_second"] > 0 and metrics["mfu"] is None  # no peak FLOP/s on CPU
     history = _history(root / "generator" / "history.csv")
-    assert [row["step"] for row in history] == [2, 4, 6]
+    # a row every log_every (2) steps and at every checkpoint_every (3) step, where the validation
+    # curve (EMA weights, held out) is measured; its last point is the stage's reported val metrics
+    assert [row["step"] for row in history] == [2, 3, 4, 6]
+    assert [row["step"] for row in history if "val_loss" in row] == [3, 6]
+    assert history[-1]["val_loss"] == metrics["val_loss"] and history[-1]["val_accuracy"] == metrics["val_accuracy"]
     assert not list((root / "ck_gen").glob("step_*.pt"))  # finished: nothing left to resume
     # round trip: the file rebuilds the same model (config + EMA weights)
     state = load_model_file(root / "generator" / "generator.pt", "generator")

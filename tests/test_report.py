@@ -111,7 +111,7 @@ def test_report_is_the_last_stage():
 
 TOKENIZER_HISTORY = ("phase,step,ce,l2,loss,vq\n1,2,3.45,,3.53,0.08\n1,4,3.41,,3.42,0.001\n"
                      "2,6,,0.17,0.18,\n2,8,,0.13,0.14,\n")
-GENERATOR_HISTORY = "step,accuracy,loss\n2,0.1,3.4\n4,0.2,3.3\n"
+GENERATOR_HISTORY = "step,accuracy,loss,val_accuracy,val_loss\n2,0.1,3.4,,\n3,0.15,3.35,0.12,3.5\n4,0.2,3.3,,\n"
 
 
 def _history(path: Path, text: str) -> list[dict[str, float]]:
@@ -176,11 +176,12 @@ def test_dvc_plots_show_gives_titles_labels_and_skips_the_other_stages_rows(tmp_
     shown = subprocess.run([dvc, "plots", "show", "--json"], cwd=tmp_path, env=env, check=True, capture_output=True,
                            text=True)
     plots = json.loads(shown.stdout)["data"]
-    expected = {"tokenizer_stage1": ("ce", [2, 4]), "tokenizer_stage2": ("l2", [6, 8])}
+    expected = {"tokenizer_stage1": ("ce", [2, 4]), "tokenizer_stage2": ("l2", [6, 8]),
+                "generator_val_loss": ("val_loss", [3])}
     for name, (column, steps) in expected.items():
         (plot,) = plots[name]
         content = plot["content"]
-        assert content["title"]["text"].startswith("Tokenizer stage")
+        assert content["title"]["text"].startswith(("Tokenizer", "Generator"))
         assert content["encoding"]["x"]["title"] == "optimizer step" and content["encoding"]["y"]["title"]
         (rule,) = content["transform"]
         keep = [row for row in content["data"]["values"]

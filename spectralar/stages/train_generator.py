@@ -18,6 +18,7 @@ Checkpoints and resume work as in train_tokenizer: rank 0 saves, every rank load
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import time
 from dataclasses import dataclass
@@ -181,16 +182,21 @@ class Trainer:
         seed: data order, label dropout, drop path.
         checkpointer: resumable checkpoints (None: none).
         log, log_metrics: a logger, and a sink for ``{name: value}, step=`` training curves.
+        val: held-out (ids, labels): every ``checkpoint_every`` steps and at the end, the EMA weights'
+            teacher-forced loss and accuracy on its first ``val_images`` sequences go into the
+            history (``val_loss``, ``val_accuracy``: the validation curves); None = no curve.
     """
 
     def __init__(self, model_cfg: GeneratorConfig, cfg: "TrainGeneratorConfig", ids: np.ndarray, labels: np.ndarray,
                  dist, *, seed: int, checkpointer: Optional[Checkpointer] = None,
                  log: logging.Logger = logging.getLogger(__name__),
-                 log_metrics: Callable[..., None] = lambda metrics, step=None: None) -> None:
+                 log_metrics: Callable[..., None] = lambda metrics, step=None: None,
+                 val: Optional[tuple[np.ndarray, np.ndarray]] = None) -> None:
         self.cfg, self.model_cfg, self.seed = cfg, model_cfg, seed
         self.log, self.log_metrics = log, log_metrics
         self.dist, self.device = dist, dist.device
         self.ids, self.labels = ids, labels
+        self.val = val if cfg.val_images else None
         if self.cfg.batch_size % self.dist.world_size:
             raise ConfigError(f"train_generator.batch_size: {self.cfg.batch_size} is not divisible by the "
                               f"{self.dist.world_size} processes")
@@ -229,8 +235,10 @@ class Trainer:
             self.history.add(terms["loss"], terms["accuracy"])
             objects["ema"].update(self.model)
             meter.update(self.cfg.batch_size)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                self._log(step + 1, self.history.take_means(), terms, meter.rate)
+            validate = self.val is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or validate:
+                curve = self._validate(objects["ema"]) if validate else {}
+                self._log(step + 1, self.history.take_means(), terms, meter.rate, curve)
             if (self.checkpointer is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps
                     and self.dist.is_main):
                 self.checkpointer.save(step + 1, objects)
@@ -259,10 +267,19 @@ class Trainer:
         accuracy = (logits_bNV.detach().argmax(-1) == ids_bN).float().mean()
         return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm.detach(), "lr": lr}
 
-    def _log(self, step: int, means: torch.Tensor, terms: dict, images_per_second: float) -> None:
+    def _validate(self, ema: EMA) -> dict:
+        """The EMA weights' held-out loss and accuracy (what the stage reports at the end), on a copy:
+        the live weights and their optimizer state are untouched."""
+        model = copy.deepcopy(self.model)
+        ema.copy_to(model)
+        scores = evaluate(model, *self.val, self.cfg.val_images, self.device, self.cfg.bf16)
+        return {"val_loss": scores["val_loss"], "val_accuracy": scores["val_accuracy"]}
+
+    def _log(self, step: int, means: torch.Tensor, terms: dict, images_per_second: float,
+             curve: Optional[dict] = None) -> None:
         loss, accuracy = (float(v) for v in means.cpu())
         row = {"step": step, "loss": loss, "accuracy": accuracy, "lr": terms["lr"],
-               "grad_norm": float(terms["grad_norm"])}
+               "grad_norm": float(terms["grad_norm"]), **(curve or {})}
         self.history.append(row)  # results only: the rate is telemetry (log line, MLflow)
         tokens_per_second = round(images_per_second * self.model_cfg.num_tokens, 1)
         if self.dist.is_main:
@@ -325,9 +342,10 @@ def run(ctx) -> dict:
     model_cfg = generator_config_for(ctx.params.generator, manifest, f"{Path(ctx.args.tokens) / 'manifest.json'}")
     params_digest = ctx.params.digest(ctx.sections)
     digest = hashlib.sha256(f"{params_digest}:{manifest['tokenizer_sha256']}".encode()).hexdigest()[:16]
+    val = load_tokens(ctx.args.tokens, "val")[1:] if ctx.params.train_generator.val_images else None
     trainer = Trainer(model_cfg, ctx.params.train_generator, ids, labels, dist, seed=ctx.params.run.seed,
                       checkpointer=Checkpointer(ctx.args.checkpoints, digest), log=ctx.log,
-                      log_metrics=ctx.tracker.log_metrics)
+                      log_metrics=ctx.tracker.log_metrics, val=val)
     try:
         fit = trainer.fit()
         metrics = {**fit, "parameters": sum(p.numel() for p in trainer.model.parameters()),
@@ -337,10 +355,8 @@ def run(ctx) -> dict:
         utilisation = mfu(flops_per_image(trainer.model), fit["images_per_second"], peak_flops(trainer.device),
                           trainer.dist.world_size)
         metrics["mfu"] = None if utilisation is None else round(utilisation, 4)
-        if trainer.cfg.val_images:
-            _, val_ids, val_labels = load_tokens(ctx.args.tokens, "val")
-            metrics |= evaluate(trainer.model, val_ids, val_labels, trainer.cfg.val_images, trainer.device,
-                                trainer.cfg.bf16)
+        if val is not None:
+            metrics |= evaluate(trainer.model, *val, trainer.cfg.val_images, trainer.device, trainer.cfg.bf16)
         if trainer.dist.is_main:
             _write_outputs(ctx, trainer, manifest, metrics)
             trainer.checkpointer.clear()  # only now that every output is written
