@@ -121,7 +121,11 @@ def load_model_file(path: str | Path, kind: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the stage that makes it first (dvc repro / snakemake)")
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except ArtifactError as err:  # truncated, zeroed, flipped: say what remakes it
+        stage = {"proxy": "train_proxy", "tokenizer": "train_tokenizer", "generator": "train_generator"}.get(kind)
+        raise ArtifactError(f"{err}; {rerun_hint(stage, path.parent)}" if stage else str(err)) from err
     if state.get("kind") != kind:
         raise ValueError(f"{path} holds a {state.get('kind')!r} model, expected {kind!r}")
     return state

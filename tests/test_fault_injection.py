@@ -16,7 +16,7 @@ single-fault cases; here the faults hit whole stages through the CLI.
 | full disk: a file-size limit (RLIMIT_FSIZE: EFBIG), a subprocess | train_generator | exit 2, one line; no temporaries; the previous output intact |
 | the same stage twice at once (two writers of one output) | train_generator | the second is refused at once (exit 2, naming the first's pid); the first finishes with byte-identical outputs |
 | two stage processes logging into one sqlite store | train_evalnet + dump_tokens | both exit 0 with the untracked runs' outputs; both MLflow runs FINISHED with their metrics, under one pipeline run |
-| an unusable MLflow store (a folder at the database path; a file that is not a database) | train_evalnet | the stage finishes and writes its outputs and metrics; a warning says tracking is off |
+| an unusable MLflow store (a file that is not a database) | train_evalnet | the stage finishes and writes its outputs and metrics; a warning says tracking is off |
 
 The outcomes observed are collected in ``OUTCOMES``; at the end of the module the table, with counts,
 is written to ``<pytest basetemp>/fault_injection_table.md`` and printed (``pytest -s`` shows it).
@@ -80,7 +80,7 @@ OUTCOMES: list[dict[str, str]] = []
 
 
 def _record(fault: str, stage: str, outcome: str, kind: str) -> None:
-    """kind: clear error | recovered | not read | silent wrong | data lost | unclear error | skipped."""
+    """kind: clear error | recovered | no effect | silent wrong | data lost | unclear error | skipped."""
     OUTCOMES.append({"fault": fault, "stage": stage, "outcome": outcome, "kind": kind})
 
 
@@ -254,12 +254,13 @@ def outcome_table(tmp_path_factory):
     """Writes (and prints) the table of observed outcomes once the module's tests have run."""
     yield
     counts = {kind: sum(row["kind"] == kind for row in OUTCOMES) for kind in
-              ("clear error", "recovered", "not read", "silent wrong", "data lost", "unclear error", "skipped")}
+              ("clear error", "recovered", "no effect", "silent wrong", "data lost", "unclear error", "skipped")}
     lines = ["| fault | stage | outcome |", "|---|---|---|"]
     lines += [f"| {row['fault']} | {row['stage']} | {row['kind']}: {row['outcome']} |" for row in OUTCOMES]
     tried = len(OUTCOMES) - counts["skipped"]
     lines += ["", f"faults tried: {tried}; clear errors: {counts['clear error']}; recovered (resumed or finished "
-              f"intact): {counts['recovered']}; damage in a file the stage does not read: {counts['not read']}; "
+              f"intact): {counts['recovered']}; no effect (exit 0, outputs identical: the stage does not read the file): "
+              f"{counts['no effect']}; "
               f"unclear errors: {counts['unclear error']}; silent wrong results: {counts['silent wrong']}; "
               f"data lost: {counts['data lost']}; skipped: {counts['skipped']}"]
     table = "\n".join(lines) + "\n"
@@ -416,11 +417,13 @@ def test_every_artefact_a_stage_reads_has_files_to_damage():
 
 
 def _flip_offset(path: Path, data: bytes, draw: random.Random) -> int:
-    """A byte of content: inside the largest record of a zip (.pt, .npz), past an .npy header,
+    """A byte of content: inside the largest tensor record of a zip (.pt, .npz), past an .npy header,
     anywhere in any other file."""
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            record = max(archive.infolist(), key=lambda info: info.compress_size)
+        with zipfile.ZipFile(path) as archive:  # a .pt's tensors are its /data/ records (data.pkl: the rest)
+            records = archive.infolist()
+            record = max([info for info in records if "/data/" in info.filename] or records,
+                         key=lambda info: info.compress_size)
         header = record.header_offset
         start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + \
             int.from_bytes(data[header + 28:header + 30], "little")
@@ -461,9 +464,9 @@ def test_a_damaged_artefact_stops_its_reader_with_one_line_naming_it(pipeline, d
         assert path.is_file(), f"{relative}: not written by the tiny pipeline"
         original = path.read_bytes()
         for how in DAMAGES if reader == first_reader else ("flip",):
-            if any(row["stage"] == reader and row["fault"].endswith(f" {relative}") and row["kind"] == "not read"
+            if any(row["stage"] == reader and row["fault"] == f"truncate {relative}" and row["kind"] == "no effect"
                    for row in OUTCOMES):
-                break  # the stage gave the undamaged outputs from a damaged copy: it does not open this file
+                break  # the undamaged outputs from a truncated copy: the stage does not open this file
             argv = redirected(reader, f"damage-{how}")
             try:
                 what = damage(path, how)
@@ -478,7 +481,7 @@ def test_a_damaged_artefact_stops_its_reader_with_one_line_naming_it(pipeline, d
             elif code == 0:
                 same = pipeline.outputs(reader, pipeline.root, argv) == pipeline.reference(reader)
                 _record(fault, reader, f"exit 0 ({what}); outputs {'identical' if same else 'DIFFER'}",
-                        "not read" if same else "silent wrong")
+                        "no effect" if same else "silent wrong")
                 if not same:
                     failures.append(f"{fault} -> {reader}: exit 0 with different outputs ({what})")
             else:
@@ -684,15 +687,13 @@ def test_two_stage_processes_log_into_one_sqlite_store(pipeline, tmp_path):
             "recovered")
 
 
-@pytest.mark.parametrize("store", ["directory", "not_a_database"])
-def test_an_unusable_mlflow_store_warns_and_loses_no_result(pipeline, tmp_path, monkeypatch, store):
-    stage = "train_evalnet"
+def test_an_unusable_mlflow_store_warns_and_loses_no_result(pipeline, tmp_path, monkeypatch):
+    """A store file that is not a database. (A folder at the database path is not tried here: MLflow
+    retries opening it for ~100 s before the stage warns and goes on; measured 105 s under load.)"""
+    stage, store = "train_evalnet", "not_a_database"
     db = tmp_path / "store" / "mlflow.db"
-    if store == "directory":
-        db.mkdir(parents=True)
-    else:
-        db.parent.mkdir()
-        db.write_bytes(b"not an sqlite database\n" * 100)
+    db.parent.mkdir()
+    db.write_bytes(b"not an sqlite database\n" * 100)
     content = tree(db)
     monkeypatch.setenv("SPECTRALAR_TRACKING", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")

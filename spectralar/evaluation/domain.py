@@ -242,9 +242,10 @@ def class_accuracy(logits: torch.Tensor, requested_labels: torch.Tensor) -> floa
 
 def save_domain_net(model: DomainNet, path: str) -> None:
     """Write {config, state_dict} so the network can be rebuilt from the file alone."""
-    from spectralar.io import atomic_path
+    from spectralar.io import CONTENT_DIGEST, atomic_path, content_digest
 
     payload = {"config": dataclasses.asdict(model.config), "state_dict": model.state_dict()}
+    payload[CONTENT_DIGEST] = content_digest(payload)  # torch.load checks no CRC: load_domain_net does
     # through a file handle: torch.save names the zip records after a *path* it is given, which here
     # is a random temporary name, so the bytes would differ on every run
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -253,7 +254,21 @@ def save_domain_net(model: DomainNet, path: str) -> None:
 
 def load_domain_net(path: str, map_location: str | torch.device = "cpu") -> DomainNet:
     """Rebuild a :class:`DomainNet` written by :func:`save_domain_net` (in eval mode)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    from pathlib import Path
+
+    from spectralar.io import CONTENT_DIGEST, ArtifactError, content_digest, rerun_hint
+
+    rerun = rerun_hint("train_evalnet", Path(path).parent)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated, zeroed or foreign bytes: torch's zip/pickle errors vary
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ArtifactError(f"{path}: unreadable ({reason}); {rerun}") from err
+    recorded = payload.pop(CONTENT_DIGEST, None) if isinstance(payload, dict) else None
+    if recorded is not None and content_digest(payload) != recorded:
+        raise ArtifactError(f"{path}: content does not match the sha256 it was saved with (a damaged file); {rerun}")
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
         raise ValueError(f"{path} is not a domain-net checkpoint (expected keys 'config' and 'state_dict')")
     model = DomainNet.from_config(DomainNetConfig(**payload["config"]))

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from spectralar.io import ArtifactError
+from spectralar.io import CONTENT_DIGEST, ArtifactError, content_digest, hash_on_open
 
 logger = logging.getLogger("spectralar")
 
@@ -79,6 +79,7 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict, got {type(state).__name__}")
     _check_plain(state, "state")
+    state = {**state, CONTENT_DIGEST: content_digest(state)}  # torch.load checks no CRC: load_checkpoint does
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
@@ -86,7 +87,12 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> Path:
     temporary = Path(handle.name)
     try:
         with handle:
-            torch.save(state, handle)
+            try:
+                torch.save(state, handle)
+            except RuntimeError as err:  # torch's zip writer reports the file's OSError (a full disk) as its own
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)  # like every other output (NamedTemporaryFile makes 0600)
@@ -123,6 +129,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]
         raise ArtifactError(f"{path}: unreadable ({path.stat().st_size} bytes; {reason})") from err
     if not isinstance(state, dict):
         raise ArtifactError(f"{path}: does not hold a dict checkpoint")
+    recorded = state.pop(CONTENT_DIGEST, None)  # absent in files of older versions
+    if recorded is not None and hash_on_open(path.stat().st_size) and content_digest(state) != recorded:
+        raise ArtifactError(f"{path}: content does not match the sha256 it was saved with (a damaged file)")
     return state
 
 
