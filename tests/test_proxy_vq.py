@@ -19,7 +19,8 @@ from spectralar.models.proxy_vq import (
 )
 from spectralar.models.quantizer import SpectralTokenQuantizer
 
-KEYS_FILE = Path(__file__).parents[2] / "shared/paper/maskgit-vqgan-state-dict-keys.txt"
+# The official MaskGIT-VQGAN checkpoint's state-dict keys and shapes (listed from the released file)
+KEYS_FILE = Path(__file__).parent / "data" / "maskgit-vqgan-state-dict-keys.txt"
 
 
 @pytest.fixture(autouse=True, scope="module")
