@@ -34,12 +34,8 @@ def perturbed_model(tokens_per_step: int) -> SpectralGPT:
     return model
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread, as in test_generator.py (its fixture, reused: tiny models only contend on more)
+from tests.test_generator import single_thread  # noqa: E402,F401  (an autouse fixture)
 
 
 def sample(model: SpectralGPT, **settings) -> torch.Tensor:
