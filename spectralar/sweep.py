@@ -58,6 +58,11 @@ NOT_SWEPT = ("prepare", "report")  # shared by every row; a row that changes the
 # Sweep and row names become folders (runs/<sweep>/<row>/) and DVC experiment names: no "/" or ".."
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 SEEDS = "seeds"  # the key of a sweep's seed list (so no row can be named so), and the folder of its per-seed runs
+# The key of a sweep's common overrides, applied to every run before its row's (so no row can be named
+# so): e.g. a shorter training schedule that every row of Table 4 shares, so the rows differ only in
+# their own switches and the whole grid fits a time budget.
+SCHEDULE = "schedule"
+RESERVED = (SEEDS, SCHEDULE)
 SEED_KEY = "run.seed"
 # Stages whose outputs do not depend on run.seed (prepare never reads it: a test runs it at two seeds
 # and compares the bytes), so a seed's runs share the main pipeline's output although `run` changed.
@@ -91,6 +96,10 @@ def sweep_definition(params: Mapping[str, Any], sweep: str) -> tuple[dict[str, d
         raise SweepError(f"sweeps.{sweep}: no such sweep in params (sweeps: {', '.join(sorted(sweeps)) or 'none'})")
     rows = dict(sweeps[sweep])
     seeds = rows.pop(SEEDS, None)
+    schedule = rows.pop(SCHEDULE, None)
+    if schedule is not None and (not isinstance(schedule, Mapping) or SEED_KEY in schedule):
+        raise SweepError(f"sweeps.{sweep}.{SCHEDULE}: expected a mapping of params keys to values that every run "
+                         f"shares (not {SEED_KEY}), got {schedule!r}")
     for where, name in [(f"sweeps.{sweep}", sweep)] + [(f"sweeps.{sweep}.{row}", row) for row in rows]:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ConfigError(f"{where}: name {name!r} may only hold letters, digits, '_' and '-' "
@@ -99,6 +108,8 @@ def sweep_definition(params: Mapping[str, Any], sweep: str) -> tuple[dict[str, d
         if not isinstance(overrides, Mapping):
             raise SweepError(f"sweeps.{sweep}.{row}: expected a mapping of params keys to values, got {overrides!r} "
                              f"(only `{SEEDS}` holds a list)")
+    if not rows:
+        raise SweepError(f"sweeps.{sweep}: no rows (only {', '.join(RESERVED)})")
     if seeds is None:
         return rows, None
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
@@ -118,6 +129,14 @@ def sweep_rows(params: Mapping[str, Any], sweep: str) -> dict[str, dict[str, Any
 
 def sweep_seeds(params: Mapping[str, Any], sweep: str) -> Optional[list[int]]:
     return sweep_definition(params, sweep)[1]
+
+
+def sweep_schedule(params: Mapping[str, Any], sweep: str) -> dict[str, Any]:
+    """``sweeps.<sweep>.schedule``: the overrides every run of the sweep shares, applied before the
+    row's own (a row may override them too); empty when the sweep has none. Its runs then differ from
+    the main pipeline in these keys, so no run reuses a stage they change."""
+    sweep_definition(params, sweep)  # validated there
+    return dict(params["sweeps"][sweep].get(SCHEDULE) or {})
 
 
 def sweep_runs(params: Mapping[str, Any], sweep: str) -> list[tuple[str, Optional[int]]]:
@@ -188,7 +207,8 @@ def run_params(base: Mapping[str, Any], sweep: str, row: Optional[str], seed: Op
     if row is None and seed is None:
         raise SweepError(f"sweeps.{sweep}: a run needs a row, a seed, or both")
     where = f"sweeps.{sweep}.{row if row is not None else SEEDS}"
-    params = apply_overrides(base, {SEED_KEY: seed}, where) if seed is not None else copy.deepcopy(dict(base))
+    params = apply_overrides(base, sweep_schedule(base, sweep), f"sweeps.{sweep}.{SCHEDULE}")
+    params = apply_overrides(params, {SEED_KEY: seed}, where) if seed is not None else params
     return apply_overrides(params, rows[row], where) if row is not None else params
 
 
@@ -202,7 +222,8 @@ def write_row_params(params_file: str | Path, sweep: str, row: Optional[str], ou
     params = run_params(base, sweep, row, seed)
     params["sweeps"] = {}  # a run sweeps nothing; and editing another row leaves this file unchanged
     out = Path(out or row_params_path(sweep, row, seed))
-    changes = {**(sweep_rows(base, sweep)[row] if row is not None else {}), **({SEED_KEY: seed} if seed is not None else {})}
+    changes = {**sweep_schedule(base, sweep), **(sweep_rows(base, sweep)[row] if row is not None else {}),
+               **({SEED_KEY: seed} if seed is not None else {})}
     name = run_dir(sweep, row, seed).removeprefix(f"{SWEEP_ROOT}/")
     header = f"# {name}: {params_file} with {json.dumps(changes)} (written by spectralar.sweep)\n"
     write_text(out, header + yaml.safe_dump(params, sort_keys=False))
@@ -435,10 +456,11 @@ def queue_commands(params_file: str | Path, sweep: str) -> list[list[str]]:
     the sweep has seeds; DVC's run cache then shares seed k's row-independent stages between rows)."""
     base = read_yaml(params_file)
     rows = sweep_rows(base, sweep)
+    schedule = sweep_schedule(base, sweep)
     commands = []
     for row, seed in sweep_runs(base, sweep):
         command = ["dvc", "exp", "run", "--queue", "-n", experiment_name(sweep, row, seed)]
-        for key, value in rows[row].items():
+        for key, value in {**schedule, **rows[row]}.items():
             command += ["-S", f"{key}={json.dumps(value)}"]
         if seed is not None:
             command += ["-S", f"{SEED_KEY}={seed}"]

@@ -41,7 +41,10 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "models" / "generator" / "history.csv").write_text("step,loss,accuracy\n1,5.0,0.1\n2,4.0,0.2\n")
     (tmp_path / "samples").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "samples" / "grid.png")
-    params = write_params(tmp_path / "params.yaml")
+    # Table 4 without a common schedule: this pipeline's run counts as a run of its row (the tests of
+    # sweeps.ablation.schedule put it back)
+    ablation = {k: v for k, v in default_params()["sweeps"]["ablation"].items() if k != "schedule"}
+    params = write_params(tmp_path / "params.yaml", {"sweeps.ablation": ablation})
 
     def run():
         argv = ["report", "--params", str(params), "--metrics", "metrics/report.json"]
@@ -86,6 +89,22 @@ def test_report_takes_table4_rows_from_the_sweep_table(project):
     rows = {r["row"]: r for r in csv.DictReader(open(root / "reports" / "ablation.csv"))}
     assert rows["baseline"]["fid"] == "40.0" and rows["baseline"]["source"] == "sweep"
     assert rows["causal"]["source"] == "not run"
+
+
+def test_with_a_common_schedule_this_pipeline_is_no_run_of_table4(project):
+    root, run = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweeps"]["ablation"]["schedule"] = {"train_generator.steps": 250}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "runs" / "ablation").mkdir(parents=True)
+    (root / "runs" / "ablation" / "table.csv").write_text(SEEDED_SWEEP)
+    assert run()["ablation_rows_run"] == 2
+    lines = list(csv.DictReader(open(root / "reports" / "ablation.csv")))
+    nonuniform = [r for r in lines if r["row"] == "nonuniform"]
+    assert [(r["seed"], r["source"]) for r in nonuniform] == [("1", "sweep"), ("2", "sweep"), ("", "sweep")]
+    assert all(r["source"] != "this pipeline" for r in lines)
+    text = (root / "reports" / "report.md").read_text()
+    assert "common schedule (`sweeps.ablation.schedule`: `train_generator.steps: 250`)" in text
 
 
 def test_paper_table4_and_switch_parsing():

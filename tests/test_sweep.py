@@ -66,8 +66,41 @@ def test_table4_rows_rerun_everything_from_the_tokenizer_on(dag):
     assert switches == [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
     for row in ("baseline", "spectral", "causal"):
         assert row_specific_stages(dag, base, apply_overrides(base, rows[row])) == DOWNSTREAM_OF_TOKENIZER | {"report"}
-    # the last row is params.yaml itself: at params.yaml's seed it reuses the main pipeline, nothing to run
-    assert RowPlan(dag, base, "ablation", "nonuniform", seed=0).specific == set()
+    # the last row is params.yaml's switches; every run shares the sweep's shorter schedule, so at
+    # params.yaml's seed that row's tokenizer chain is seed 0's shared run, not the main pipeline's
+    schedule = base["sweeps"]["ablation"]["schedule"]
+    assert set(schedule) == {"train_tokenizer.stage1_steps", "train_generator.steps"}
+    plan = RowPlan(dag, base, "ablation", "nonuniform", seed=0)
+    assert plan.specific == set() and plan.seed_stages == DOWNSTREAM_OF_TOKENIZER - {"extract_proxy_codes"}
+    assert plan.metrics_file("evaluate") == "runs/ablation/seeds/seed0/metrics/evaluate.json"
+    assert plan.path("data/prepared") == "data/prepared" and plan.level("train_proxy") == "main"
+    seed0 = RowPlan(dag, base, "ablation", None, seed=0)
+    assert seed0.specific == plan.seed_stages
+    assert seed0.params["train_tokenizer"]["stage1_steps"] == schedule["train_tokenizer.stage1_steps"]
+    assert seed0.params["train_generator"]["steps"] == schedule["train_generator.steps"]
+
+
+def test_a_schedule_applies_to_every_run_before_its_row(tmp_path, dag):
+    base = default_params()
+    base["sweeps"] = {"s": {"schedule": {"train_generator.steps": 70, "generator.depth": 2},
+                            "a": {"generator.depth": 3}, "b": {}}}
+    assert list(sweep_rows(base, "s")) == ["a", "b"]
+    a, b = RowPlan(dag, base, "s", "a"), RowPlan(dag, base, "s", "b")
+    assert a.params["train_generator"]["steps"] == 70 and a.params["generator"]["depth"] == 3  # the row wins
+    assert b.params["generator"]["depth"] == 2
+    assert a.specific == b.specific == {"train_generator", "sample", "evaluate"}  # nothing reuses the main generator
+    commands = queue_commands(write_params(tmp_path / "params.yaml", {"sweeps": base["sweeps"]}), "s")
+    assert commands[0][-4:] == ["-S", "train_generator.steps=70", "-S", "generator.depth=3"]
+    assert commands[1][-4:] == ["-S", "train_generator.steps=70", "-S", "generator.depth=2"]
+    header = write_row_params(tmp_path / "params.yaml", "s", "b", tmp_path / "b.yaml").read_text().splitlines()[0]
+    assert '"train_generator.steps": 70' in header
+    for bad in ([1, 2], {"run.seed": 3}):
+        base["sweeps"]["s"]["schedule"] = bad
+        with pytest.raises(SweepError, match="sweeps.s.schedule: expected a mapping"):
+            sweep_rows(base, "s")
+    base["sweeps"]["s"] = {"schedule": {"generator.depth": 2}}
+    with pytest.raises(SweepError, match="no rows"):
+        sweep_rows(base, "s")
 
 
 def test_a_generator_sweep_reuses_the_main_tokenizer(dag):

@@ -151,13 +151,17 @@ def ablation_table(rows: Mapping[str, Any], tokenizer: Mapping[str, Any],
             by_row.setdefault(line["row"], []).append({"seed": _seed(line.get("seed")), "source": "sweep",
                                                       **_run_numbers(line)})
     own = tuple(bool(tokenizer[s]) for s in SWITCHES)
+    # A sweep with a common schedule (sweeps.ablation.schedule: e.g. shorter training for every row)
+    # runs at other settings than this pipeline, whose numbers then belong to no row.
+    comparable = not rows.get("schedule")
     table = []
     for row, overrides in rows.items():
-        if row == "seeds":  # sweeps.ablation.seeds: the seed list, not a row
+        if row in ("seeds", "schedule"):  # sweeps.ablation.seeds / .schedule: the seed list, the common overrides
             continue
         switches = tuple(_bool(overrides.get(f"tokenizer.{s}", tokenizer[s])) for s in SWITCHES)
         runs = list(by_row.get(row, []))
-        if switches == own and evaluate is not None and all(r["seed"] != seed or seed is None for r in runs):
+        if (comparable and switches == own and evaluate is not None
+                and all(r["seed"] != seed or seed is None for r in runs)):
             runs.append({"seed": seed, "source": "this pipeline", **_run_numbers(_own_run(evaluate, generator))})
         runs.sort(key=lambda r: (r["seed"] is None, r["seed"] or 0))
         drops = sorted({k for r in runs for k in r if k.startswith("fid_drop")}, key=lambda k: int(k[8:]))
@@ -409,8 +413,9 @@ ABLATION_HEADINGS = {"fid": "gFID", "inception_score": "IS", "class_accuracy": "
                      "generator_val_accuracy": "generator val acc."}
 
 
-def ablation_section(table: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Table 4 as mean ± std per row, then which steps of the paper's gFID ordering hold."""
+def ablation_section(table: Sequence[Mapping[str, Any]], schedule: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Table 4 as mean ± std per row, then which steps of the paper's gFID ordering hold. ``schedule``:
+    the sweep's common overrides (``sweeps.ablation.schedule``), stated above the table."""
     lines = summaries(table)
     drops = [n for n in (lines[0] if lines else {}) if n.startswith("fid_drop") and not n.endswith("_std")]
     headings = {**ABLATION_HEADINGS, **{d: f"gFID, last {d[8:]} dropped" for d in drops}}
@@ -430,7 +435,10 @@ def ablation_section(table: Sequence[Mapping[str, Any]]) -> list[str]:
             "the first N−k tokens; the generator columns are its validation next-token loss and accuracy. "
             "`source` says where the numbers come from (`snakemake ablation` or the DVC sweep fill in rows "
             "marked not run). Table 1's R² is not per row: the correlation stage reads images, not a "
-            "tokenizer (Table 1 below, over the same seeds).", "",
+            "tokenizer (Table 1 below, over the same seeds)." + (
+                " Every run uses the sweep's common schedule (`sweeps.ablation.schedule`: "
+                + ", ".join(f"`{k}: {v}`" for k, v in schedule.items())
+                + "), so its numbers compare with each other, not with this pipeline's." if schedule else ""), "",
             markdown_table(shown),
             f"Paper's claim (gFID, lower is better): {' > '.join(claimed)}. A step holds when the mean gFID "
             "falls by more than the sum of the two rows' standard deviations (their mean ± std intervals do "
@@ -479,7 +487,7 @@ def render(ctx_params, metrics: Mapping[str, Mapping[str, Any]], tables: Mapping
         keys = HEADLINE_METRICS + ("reconstruction_class_accuracy",)
         lines.append(markdown_table([{"metric": k, "ours": evaluate.get(k), "paper (d16)": paper.get(k)}
                                      for k in keys if k in evaluate]))
-    lines += ablation_section(tables["ablation"])
+    lines += ablation_section(tables["ablation"], (ctx_params.sweeps.get("ablation") or {}).get("schedule"))
     lines += ["## Truncated generation (Table 3)", "",
               "FID of the same samples decoded from their first N−k tokens; the paper's rows drop k of 64.", "",
               markdown_table(tables["truncation"])]
