@@ -27,7 +27,7 @@ import torch
 
 from spectralar.config import ConfigError
 from spectralar.data.shards import MANIFEST
-from spectralar.io import ArtifactError, array_record, check_array, open_npz, read_json, read_npy, rerun_hint, \
+from spectralar.io import ArtifactError, array_record, check_array, open_npz, read_manifest, read_npy, rerun_hint, \
     write_text
 from spectralar.training import load_checkpoint, save_checkpoint
 
@@ -200,7 +200,7 @@ def load_proxy_codes(directory: str | Path) -> tuple[dict, Optional[np.ndarray]]
     against the manifest's record of the table (shape, dtype, size, sha256: :func:`check_array`)."""
     rerun = rerun_hint("extract_proxy_codes", directory)
     manifest_path = Path(directory) / MANIFEST
-    manifest = read_json(manifest_path, rerun)
+    manifest = read_manifest(manifest_path, rerun)
     if manifest["mode"] == "online":
         return manifest, None
     table = read_npy(Path(directory) / PROXY_CODES_TABLE, mmap=True, rerun=rerun)
@@ -230,7 +230,7 @@ def load_tokens(directory: str | Path, split: str = "train") -> tuple[dict, np.n
     if not (directory / MANIFEST).is_file():
         raise FileNotFoundError(f"{directory / MANIFEST} not found: run the dump_tokens stage first")
     rerun = rerun_hint("dump_tokens", directory)
-    manifest = read_json(directory / MANIFEST, rerun)
+    manifest = read_manifest(directory / MANIFEST, rerun)
     arrays = []
     for name in (f"{split}.npy", _labels_name(split)):
         array = read_npy(directory / name, rerun=rerun)

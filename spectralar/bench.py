@@ -61,7 +61,7 @@ def bench_read(args: argparse.Namespace) -> dict:
     from spectralar.config import DataConfig
     from spectralar.data.shards import ImageShards
     from spectralar.stages.prepare import prepare_imagefolder
-    from spectralar.io import write_json
+    from spectralar.io import write_manifest
     import logging
 
     result: dict = {}
@@ -75,7 +75,7 @@ def bench_read(args: argparse.Namespace) -> dict:
             data = Path(tmp) / "prepared"
             start = time.perf_counter()
             manifest = prepare_imagefolder(cfg, data, log=logging.getLogger("spectralar.bench"))
-            write_json(data / "manifest.json", manifest)
+            write_manifest(data / "manifest.json", manifest)
             seconds = time.perf_counter() - start
             result["prepare_images_per_second"] = round(args.num / seconds, 1)
             result["prepare_images_per_second_per_worker"] = round(args.num / seconds / args.workers, 1)

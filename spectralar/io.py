@@ -73,37 +73,68 @@ def replace_directory(source: str | Path, destination: str | Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def _flush(tmp: Path, directory: bool) -> None:
+    """fsync a finished temporary (a folder: every file in it, then the folder), so that a full disk
+    fails here, before any rename, and a renamed output is on disk."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()) if directory else [tmp]
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if directory:
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: list[str | Path], *, directories: tuple[str | Path, ...] = ()) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for outputs that belong together (a report and its figures): yield one
+    temporary per path; if the block succeeds, flush every temporary before the first rename, then
+    rename them all into place. A failure while writing or flushing (a full disk included) leaves
+    every path as it was; only a kill between the renames, which write nothing, can leave some new
+    and some old."""
+    paths = [Path(p) for p in paths]
+    folders = {Path(d) for d in directories}
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path in folders:
+                tmps.append(Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)))
+            else:
+                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+                os.close(fd)
+                tmps.append(Path(name))
+        yield list(tmps)
+        for path, tmp in zip(paths, tmps):
+            _flush(tmp, path in folders)
+            os.chmod(tmp, 0o755 if path in folders else 0o644)
+        for path, tmp in zip(paths, tmps):
+            if path in folders:
+                replace_directory(tmp, path)
+            else:
+                os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; move it onto ``path`` if the block succeeds.
 
     At every instant ``path`` is absent, the old complete output or the new complete output:
-    files are renamed into place, folders swapped in with renames only (:func:`replace_directory`).
+    files are renamed into place, folders swapped in with renames only (:func:`replace_directory`),
+    after their contents are flushed to disk.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
+    with atomic_paths([path], directories=(path,) if directory else ()) as (tmp,):
         yield tmp
-        if not directory:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        else:
-            os.chmod(tmp, 0o755)
-            replace_directory(tmp, path)
-    except BaseException:
-        if directory:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def csv_text(rows: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> str:
@@ -147,6 +178,33 @@ def read_json(path: str | Path, rerun: str = "") -> Any:
         return json.loads(path.read_text())
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise _unreadable(path, "not valid JSON", err, rerun) from err
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON, its own digest field left out."""
+    body = {key: value for key, value in manifest.items() if key != CONTENT_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
+
+
+def write_manifest(path: str | Path, manifest: dict) -> None:
+    """A stage output's manifest.json, carrying the sha256 of its own content (:func:`read_manifest`):
+    the shards', tables' and token files' digests it records are then covered too."""
+    write_json(path, {**manifest, CONTENT_DIGEST: manifest_digest(manifest)})
+
+
+def read_manifest(path: str | Path, rerun: str = "") -> dict:
+    """A manifest.json, checked against its own sha256: a byte flip that still parses (a count, a
+    class name, a recorded checksum) is an ArtifactError naming the file. A manifest without the
+    field (written by hand, e.g. in tests) is read unchecked."""
+    path = Path(path)
+    manifest = read_json(path, rerun)
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(manifest).__name__}" + (f"; {rerun}" if rerun else ""))
+    recorded = manifest.get(CONTENT_DIGEST)
+    if recorded is not None and recorded != manifest_digest(manifest):
+        raise ArtifactError(f"{path}: does not match its own sha256 (a damaged or edited manifest)"
+                            + (f"; {rerun}" if rerun else ""))
+    return {key: value for key, value in manifest.items() if key != CONTENT_DIGEST}
 
 
 # What numpy raises for a truncated, zeroed or foreign .npy/.npz: a short header or body

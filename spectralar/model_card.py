@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import yaml
 
 from spectralar.data.shards import MANIFEST
-from spectralar.io import read_json, sha256_file, split_telemetry, write_text
+from spectralar.io import read_json, read_manifest, sha256_file, split_telemetry, write_text
 
 MODEL_CARD = "MODEL_CARD.md"
 CONFIG = "config.json"  # the stage's resolved config (spectralar.stages.context.StageContext.write_config)
@@ -72,7 +72,7 @@ def write_model_card(directory: str | Path, model_file: str, metrics: Mapping[st
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: write the model file and config.json before the model card")
     card = render_model_card(read_json(config_path), model_path.name, sha256_file(model_path),
-                             model_path.stat().st_size, read_json(Path(data) / MANIFEST), metrics)
+                             model_path.stat().st_size, read_manifest(Path(data) / MANIFEST), metrics)
     write_text(directory / MODEL_CARD, card)
     return directory / MODEL_CARD
 

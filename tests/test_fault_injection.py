@@ -13,10 +13,11 @@ single-fault cases; here the faults hit whole stages through the CLI.
 | read-only output folder (chmod 555; as root, EROFS raised in process) | train_generator | exit 2, one line; no temporaries; the previous output intact |
 | full disk: a small tmpfs (root and a permitted mount only) | train_generator | exit 2, one line; no temporaries; the previous output intact |
 | full disk: ENOSPC from fsync, in process | train_generator | exit 2, one line; no temporaries; the previous output intact |
+| full disk: ENOSPC from every fsync in the project, in process | every stage | exit 2, one line; no temporaries; the previous outputs intact |
 | full disk: a file-size limit (RLIMIT_FSIZE: EFBIG), a subprocess | train_generator | exit 2, one line; no temporaries; the previous output intact |
 | the same stage twice at once (two writers of one output) | train_generator | the second is refused at once (exit 2, naming the first's pid); the first finishes with byte-identical outputs |
 | two stage processes logging into one sqlite store | train_evalnet + dump_tokens | both exit 0 with the untracked runs' outputs; both MLflow runs FINISHED with their metrics, under one pipeline run |
-| an unusable MLflow store (a file that is not a database) | train_evalnet | the stage finishes and writes its outputs and metrics; a warning says tracking is off |
+| an unusable MLflow store (a file that is not a database; a folder at the database path) | train_evalnet | the stage finishes and writes its outputs and metrics; a warning says tracking is off (the folder: refused at once, naming it) |
 
 The outcomes observed are collected in ``OUTCOMES``; at the end of the module the table, with counts,
 is written to ``<pytest basetemp>/fault_injection_table.md`` and printed (``pytest -s`` shows it).
@@ -612,6 +613,28 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_output(pipeline, tmp_pat
                                 f"full disk (RLIMIT_FSIZE {limit} bytes: EFBIG)", stage)
 
 
+@pytest.mark.parametrize("stage", list(DVC))
+def test_every_stage_on_a_full_disk_is_one_line_and_keeps_its_previous_output(pipeline, tmp_path, monkeypatch,
+                                                                                stage):
+    """ENOSPC from every fsync inside the project, whatever the stage writes first (checkpoint,
+    model file, shard, table, metrics, report), e.g. save_domain_net's model file in train_evalnet."""
+    root = pipeline.copy(tmp_path / "p")
+    argv = stage_argv(stage)
+    before = _previous_outputs(root, stage)
+    real_fsync, project = os.fsync, root.resolve()
+
+    def disk_full(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(project):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    code, err = _run_main(root, argv)
+    monkeypatch.undo()
+    _assert_refused_cleanly(root, before, code, err, "No space left on device", "full disk (ENOSPC at every fsync)",
+                            stage)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Two writers of one stage output at once
 # ------------------------------------------------------------------------------------------------
@@ -687,13 +710,18 @@ def test_two_stage_processes_log_into_one_sqlite_store(pipeline, tmp_path):
             "recovered")
 
 
-def test_an_unusable_mlflow_store_warns_and_loses_no_result(pipeline, tmp_path, monkeypatch):
-    """A store file that is not a database. (A folder at the database path is not tried here: MLflow
-    retries opening it for ~100 s before the stage warns and goes on; measured 105 s under load.)"""
-    stage, store = "train_evalnet", "not_a_database"
+@pytest.mark.parametrize("store", ["not_a_database", "a_folder"])
+def test_an_unusable_mlflow_store_warns_and_loses_no_result(pipeline, tmp_path, monkeypatch, store):
+    """A store file that is not a database, and a folder at the database path (refused before MLflow
+    sees it: MLflow would retry opening it for ~100 s)."""
+    stage = "train_evalnet"
     db = tmp_path / "store" / "mlflow.db"
     db.parent.mkdir()
-    db.write_bytes(b"not an sqlite database\n" * 100)
+    if store == "a_folder":
+        db.mkdir()
+        (db / "keep.txt").write_text("a user's file")
+    else:
+        db.write_bytes(b"not an sqlite database\n" * 100)
     content = tree(db)
     monkeypatch.setenv("SPECTRALAR_TRACKING", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
@@ -705,6 +733,8 @@ def test_an_unusable_mlflow_store_warns_and_loses_no_result(pipeline, tmp_path, 
         warnings = [line for line in err.splitlines() if "MLflow tracking off" in line]
         assert warnings and " WARNING " in warnings[0], err[-3000:]
         assert tree(db) == content  # a store it cannot use is left as it was
+        if store == "a_folder":
+            assert "is a folder, not an sqlite database" in warnings[0]
     finally:
         _remove_redirected(pipeline.root, argv)
     _record(f"MLflow store unusable ({store.replace('_', ' ')})", stage,

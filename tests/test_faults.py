@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from spectralar.data import fashion_mnist
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.extractors import INCEPTION_WEIGHTS_FILE, extractor_for, resolve_inception
 from spectralar.evaluation.metrics import load_reference, save_reference
-from spectralar.io import ArtifactError, read_json, write_json
+from spectralar.io import ArtifactError, read_json, read_manifest, write_json, write_manifest
 from tests.conftest import make_fashion_dir, write_params
 
 
@@ -96,9 +97,9 @@ def test_a_weights_file_that_is_not_a_state_dict_is_refused(tmp_path):
 @pytest.mark.parametrize("stem", ["../../../../outside/train/evil", "/tmp/outside/evil", ""])
 def test_a_manifest_stem_outside_the_dataset_is_refused(prepared, stem):
     manifest_path = prepared / "manifest.json"
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path)  # an edit that keeps the manifest's own digest right
     manifest["splits"]["train"]["shards"][1]["stem"] = stem
-    write_json(manifest_path, manifest)
+    write_manifest(manifest_path, manifest)
     with pytest.raises(ArtifactError, match="is not a path inside") as error:
         ImageShards(prepared, "train")
     assert str(manifest_path) in str(error.value) and repr(stem) in str(error.value)
@@ -251,11 +252,39 @@ def test_a_shard_of_another_dtype_is_refused(prepared):
 
 def test_an_edited_shard_checksum_in_the_manifest_is_refused(prepared):
     manifest_path = prepared / "manifest.json"
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path)  # edited with its own digest renewed: the split's checksum catches it
     manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
-    write_json(manifest_path, manifest)
+    write_manifest(manifest_path, manifest)
     with pytest.raises(ArtifactError, match=r"manifest\.json: the train split's sha256 does not match its shards'"):
         ImageShards(prepared, "train")
+
+
+def _json_flips(text: str) -> dict[str, str]:
+    """One-bit flips of a manifest that still parse as JSON and change a value: a digit of a count,
+    a letter of a class name, a hex digit of a recorded checksum."""
+    flips = {}
+    for name, pattern in (("a count", r'"count": (\d)'), ("a class name", r'"(T)-shirt'),
+                          ("a recorded sha256", r'"sha256": "([0-9a-f])')):
+        match = re.search(pattern, text)
+        assert match, (name, pattern)
+        i = match.start(1)
+        flipped = text[:i] + chr(ord(text[i]) ^ 1) + text[i + 1:]
+        json.loads(flipped)
+        flips[name] = flipped
+    return flips
+
+
+def test_a_byte_flip_that_still_parses_in_a_manifest_is_refused(prepared):
+    manifest_path = prepared / "manifest.json"
+    text = manifest_path.read_text()
+    assert '"content_sha256"' in text
+    for name, flipped in _json_flips(text).items():
+        manifest_path.write_text(flipped)
+        with pytest.raises(ArtifactError, match=r"manifest\.json: does not match its own sha256 .*rerun prepare") as error:
+            ImageShards(prepared, "train")
+        assert str(manifest_path) in str(error.value), name
+    manifest_path.write_text(text)
+    assert len(ImageShards(prepared, "train")) == 30
 
 
 def test_fashion_mnist_labels_outside_the_classes_are_refused_at_prepare(tmp_path):

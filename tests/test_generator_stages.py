@@ -256,6 +256,9 @@ def test_torchrun_relaunch_only_for_distributed_stages():
     assert torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "1"}) is None
     assert torchrun_command("train_generator", argv, {}) is None
     assert torchrun_command("sample", ["sample"], {"SPECTRALAR_NPROC_PER_NODE": "4"}) is None  # not data-parallel
+    # extract_proxy_codes shards its rows over torchrun's ranks (RANK / WORLD_SIZE), rank 0 assembles
+    assert torchrun_command("extract_proxy_codes", ["extract_proxy_codes"], {"SPECTRALAR_NPROC_PER_NODE": "2"})[4] == \
+        "--nproc_per_node=2"
     if not torch.cuda.is_available():
         assert torchrun_command("train_generator", argv, {"SPECTRALAR_NPROC_PER_NODE": "auto"}) is None
     with pytest.raises(ConfigError, match="SPECTRALAR_NPROC_PER_NODE must be"):
@@ -397,3 +400,16 @@ def test_benchmarks_report_throughput():
     assert train["flops_per_image"] > 6 * 8 * 32 * 32  # at least the 6·P·N of one 32x32 projection
     sampling = benchmark_sampling(config, "cpu", batch=8, repeats=1)
     assert sampling["images_per_second_kv_cache"] > 0 and sampling["images_per_second_no_cache"] > 0
+
+
+def test_compile_trains_through_torch_compile(project, monkeypatch):
+    """train_generator.compile: true trains through torch.compile (aot_eager standing in for inductor,
+    whose C++ compiling takes minutes on CPU); the saved weights carry no wrapper prefix."""
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(type(module).__name__)
+                        or real(module, backend="aot_eager"))
+    project.set_params({"train_generator.compile": True})
+    metrics = project.run("train_generator")
+    assert compiled == ["TeacherForced"] and metrics["steps"] == 6 and np.isfinite(metrics["train_loss"])
+    state = load_model_file(project.root / "generator" / "generator.pt", "generator")
+    assert not any("_orig_mod" in name for name in state["weights"]["generator"])

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from spectralar.io import atomic_path, read_json, write_json
+import errno
+import os
+from pathlib import Path
+
+from spectralar.io import atomic_path, atomic_paths, read_json, temporary_siblings, write_json
 
 
 def test_atomic_file_never_half_written(tmp_path):
@@ -48,3 +52,40 @@ def test_metrics_hold_results_and_telemetry_goes_beside_them():
     assert set(telemetry) == set(metrics) - set(results)
     assert timing_file("metrics/evaluate.json").as_posix() == "metrics/evaluate.timing.json"
     assert timing_file("runs/ablation/baseline/metrics/sample.json").name == "sample.timing.json"
+
+
+def _state(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fault", ["raise in the block", "full disk at the flush of the last output"])
+def test_outputs_that_belong_together_are_all_new_or_all_old(tmp_path, monkeypatch, fault):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"old figure")
+    (tmp_path / "page.md").write_text("old page")
+    paths = [tmp_path / "figures", tmp_path / "table.csv", tmp_path / "page.md"]
+    before = _state(tmp_path)
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / ".page.md.")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    if fault.startswith("full disk"):
+        monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises((RuntimeError, OSError)):
+        with atomic_paths(paths, directories=(tmp_path / "figures",)) as (figures, table, page):
+            (figures / "a.png").write_bytes(b"new figure")
+            table.write_text("new table")
+            if fault == "raise in the block":
+                raise RuntimeError("boom")
+            page.write_text("new page")
+    assert _state(tmp_path) == before  # the figures, the page and the (absent) table as they were
+    assert not [t for p in paths for t in temporary_siblings(p)]
+    monkeypatch.undo()
+    with atomic_paths(paths, directories=(tmp_path / "figures",)) as (figures, table, page):
+        (figures / "b.png").write_bytes(b"new figure")
+        table.write_text("new table")
+        page.write_text("new page")
+    assert _state(tmp_path) == {"figures/b.png": b"new figure", "page.md": b"new page", "table.csv": b"new table"}

@@ -281,3 +281,19 @@ def test_pixel_head_pipeline_decodes_without_the_proxy(tmp_path, fashion_dir):
         for p in codec.proxy.parameters():
             p.add_(1.0)
     torch.testing.assert_close(codec.decode(ids), before)
+
+
+def test_compile_trains_both_stages_through_torch_compile(tmp_path, fashion_dir, monkeypatch):
+    """train_tokenizer.compile: true wraps each stage's training forward in torch.compile. The
+    aot_eager backend stands in for inductor here (dynamo's capture and AOTAutograd, without the
+    minutes of C++ compiling inductor needs on CPU)."""
+    torch.set_num_threads(1)
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(type(module).__name__)
+                        or real(module, backend="aot_eager"))
+    (tmp_path / "p").mkdir()
+    metrics = Project(tmp_path / "p", fashion_dir, {"train_tokenizer.compile": True}).run_all()
+    assert compiled == ["NestedSpectralTokenizer", "Stage2Reconstruction"]
+    assert metrics["steps"] == 10 and all(np.isfinite(metrics["psnr_prefix"]))
+    state = load_model_file(tmp_path / "p" / "tokenizer" / "tokenizer.pt", "tokenizer")
+    assert not any("_orig_mod" in name for name in state["weights"]["tokenizer"])  # saved unwrapped

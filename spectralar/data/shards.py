@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from spectralar.io import ArtifactError, hash_on_open, read_json, read_npy, rerun_hint
+from spectralar.io import ArtifactError, hash_on_open, read_manifest, read_npy, rerun_hint
 
 MANIFEST = "manifest.json"
 DTYPES = {"images": "uint8", "labels": "int16", "offsets": "int64"}  # as ShardWriter writes them
@@ -75,7 +75,7 @@ class ImageShards:
                 f"{manifest_path} not found: run the `prepare` stage first (python -m spectralar prepare)"
             )
         self.rerun = rerun_hint("prepare", self.root)
-        self.manifest = read_json(manifest_path, self.rerun)
+        self.manifest = read_manifest(manifest_path, self.rerun)
         if split not in self.manifest["splits"]:
             raise KeyError(f"split {split!r} not in {manifest_path} (has {sorted(self.manifest['splits'])})")
         self.split = split

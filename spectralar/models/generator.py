@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from spectralar.models.checks import require_in_range
+
 __all__ = [
     "GeneratorConfig",
     "KVCache",
@@ -227,6 +229,8 @@ def attention_backends(device: torch.device, step: bool = False) -> list[SDPBack
     left enabled, so an enclosing ``sdpa_kernel`` (e.g. a test allowing flash only, to make a fallback
     an error) still applies; if that leaves none, the caller's choice wins."""
     preferred = _PREFERRED_BACKENDS.get((device.type, step), (SDPBackend.MATH,))
+    if torch.compiler.is_compiling():  # the flags are host state dynamo does not trace: the preference
+        return list(preferred)
     enabled = [backend for backend, is_enabled in _BACKEND_ENABLED.items() if is_enabled()]
     return [backend for backend in preferred if backend in enabled] or enabled
 
@@ -465,8 +469,7 @@ class SpectralGPT(nn.Module):
         """Class embedding (B, C): the AdaLN condition and the start token. Null class allowed."""
         if labels_B.ndim != 1 or labels_B.dtype != torch.long:
             raise ValueError(f"labels must be a 1-D LongTensor, got {labels_B.dtype} {tuple(labels_B.shape)}")
-        if labels_B.numel() and (labels_B.min() < 0 or labels_B.max() > self.null_class):
-            raise ValueError(f"labels must lie in [0, {self.null_class}] (last = null class)")
+        require_in_range(labels_B, 0, self.null_class, f"labels must lie in [0, {self.null_class}] (last = null class)")
         return self.class_embedding(labels_B)  # (B, C)
 
     def sequence_inputs(self, cond_BC: torch.Tensor, ids_BT: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -481,8 +484,7 @@ class SpectralGPT(nn.Module):
             raise ValueError(f"cond batch {cond_BC.shape[0]} != ids batch {B}")
         if T + k > self.config.num_tokens:
             raise ValueError(f"ids has {T} tokens; at most num_tokens - k = {self.config.num_tokens - k}")
-        if ids_BT.numel() and (ids_BT.min() < 0 or ids_BT.max() >= self.config.vocab_size):
-            raise ValueError(f"ids must lie in [0, {self.config.vocab_size})")
+        require_in_range(ids_BT, 0, self.config.vocab_size - 1, f"ids must lie in [0, {self.config.vocab_size})")
         tokens_BLC = self.token_embedding(ids_BT[:, max(start - k, 0) :])
         if start < k:  # the range includes start-group positions
             start_BLC = cond_BC[:, None, :].expand(B, k - start, cond_BC.shape[1])

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from spectralar.models.checks import require_in_range
+
 
 def encoder_mask(
     num_patches: int,
@@ -106,8 +108,4 @@ def _check_prefix_lengths(prefix_lengths: torch.Tensor, num_tokens: int) -> None
     if prefix_lengths.ndim != 1 or prefix_lengths.dtype.is_floating_point or prefix_lengths.dtype == torch.bool:
         raise ValueError(f"prefix_lengths must be a 1-D integer tensor (B,), got "
                          f"shape {tuple(prefix_lengths.shape)} dtype {prefix_lengths.dtype}")
-    if prefix_lengths.numel() > 0 and (
-        int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > num_tokens
-    ):
-        raise ValueError(f"prefix_lengths must lie in [0, {num_tokens}], got range "
-                         f"[{int(prefix_lengths.min())}, {int(prefix_lengths.max())}]")
+    require_in_range(prefix_lengths, 0, num_tokens, f"prefix_lengths must lie in [0, {num_tokens}]")

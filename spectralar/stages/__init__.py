@@ -28,7 +28,8 @@ class StageInfo:
     sections: tuple[str, ...]   # params sections the stage reads
     summary: str                # one line for --help
     gpu: bool = False           # uses one GPU when present (Snakemake resources: gpu=1)
-    distributed: bool = False   # data-parallel under torchrun (SPECTRALAR_NPROC_PER_NODE relaunches it)
+    distributed: bool = False   # runs on N processes under torchrun (SPECTRALAR_NPROC_PER_NODE relaunches it):
+                                # data-parallel training, or extract_proxy_codes' row shards (RANK / WORLD_SIZE)
     config: str = ""            # "module:Class" of the params section named after the stage ("" = none)
 
 
@@ -42,7 +43,7 @@ STAGE_TABLE: dict[str, StageInfo] = {info.name: info for info in (
               gpu=True, config=_CONFIG.format("train_proxy", "TrainProxyConfig")),
     StageInfo("extract_proxy_codes", ("run", "tokenizer", "extract_proxy_codes"),
               "proxy codes of every spectral level's target I'_i for every training image",
-              gpu=True, config=_CONFIG.format("extract_proxy_codes", "ExtractProxyCodesConfig")),
+              gpu=True, distributed=True, config=_CONFIG.format("extract_proxy_codes", "ExtractProxyCodesConfig")),
     StageInfo("train_tokenizer", ("run", "tokenizer", "train_tokenizer"),
               "Nested Spectral Tokenization (paper §3.2, Algorithm 1), TiTok's two stages",
               gpu=True, distributed=True, config=_CONFIG.format("train_tokenizer", "TrainTokenizerConfig")),

@@ -23,7 +23,7 @@ from spectralar.config import require
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.measures import codebook_statistics
-from spectralar.io import atomic_path, sha256_file, write_json
+from spectralar.io import atomic_path, sha256_file, write_manifest
 from spectralar.log import progress
 from spectralar.models.codec import SpectralCodec
 from spectralar.stages.common import stage_device
@@ -82,7 +82,7 @@ def run(ctx) -> dict:
     with atomic_path(out, directory=True) as tmp:
         files = {**write_tokens(tmp, "train", ids["train"], train.labels),
                  **write_tokens(tmp, "val", ids["val"], val.labels)}
-        write_json(tmp / MANIFEST, {**manifest, "files": files})  # what load_tokens checks
+        write_manifest(tmp / MANIFEST, {**manifest, "files": files})  # what load_tokens checks
         ctx.write_config(tmp, num_tokens=codec.num_tokens, vocab=vocab)
     ctx.log_outputs(out, (MANIFEST, CONFIG))
     usage = codebook_statistics(torch.from_numpy(ids["train"].astype(np.int64)), vocab)["codebook_usage"]

@@ -40,7 +40,8 @@ from spectralar.artifacts import MANIFEST, PROXY_CODES_TABLE as TABLE, load_prox
 from spectralar.config import require
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
-from spectralar.io import array_record, atomic_path, read_json, replace_directory, sha256_file, write_json
+from spectralar.io import (array_record, atomic_path, read_json, read_manifest, replace_directory, sha256_file, write_json,
+                           write_manifest)
 from spectralar.log import progress
 from spectralar.models.proxy_vq import ProxyVQModel
 from spectralar.spectral import band_limit
@@ -113,7 +114,7 @@ def run(ctx) -> dict:
     }
     if cfg.mode == "online":
         with atomic_path(out, directory=True) as tmp:
-            write_json(tmp / MANIFEST, manifest)
+            write_manifest(tmp / MANIFEST, manifest)
             ctx.write_config(tmp)
         return {"mode": "online", "levels": len(omegas), "images": len(shards)}
     rank, world_size = ctx.args.rank, ctx.args.world_size
@@ -199,7 +200,7 @@ def _open_partial(partial: Path, manifest: dict, digest: str, shape: tuple[int, 
     with _locked(partial):
         final = partial / MANIFEST
         if final.is_file() and (partial / TABLE).is_file():
-            written = read_json(final)
+            written = read_manifest(final)
             same = all(written.get(key) == value for key, value in manifest.items())
             if same and written.get("shape") == list(shape):
                 return True
@@ -245,7 +246,7 @@ def _finish(ctx, partial: Path, manifest: dict, shape: tuple[int, int, int], ome
         # sha256 rate measured in spectralar/io.py, small beside the extraction itself)
         record = array_record(partial / TABLE, np.load(partial / TABLE, mmap_mode="r"))
         # the final manifest first: from here on a killed run finds a finished table (see _open_partial)
-        write_json(partial / MANIFEST, {**manifest, "table": TABLE, "shape": list(shape), "files": {TABLE: record}})
+        write_manifest(partial / MANIFEST, {**manifest, "table": TABLE, "shape": list(shape), "files": {TABLE: record}})
         ctx.write_config(partial, omegas=list(omegas))
         for path in [*partial.glob("progress-*.json"), partial / TABLE_DIGEST]:
             path.unlink(missing_ok=True)

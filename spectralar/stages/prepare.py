@@ -19,7 +19,7 @@ from spectralar.config import DataConfig
 from spectralar.data import fashion_mnist, imagefolder
 from spectralar.data.shards import DTYPES, MANIFEST
 from spectralar.data.writer import ShardWriter
-from spectralar.io import ArtifactError, atomic_path, sha256_file, write_json
+from spectralar.io import ArtifactError, atomic_path, sha256_file, write_manifest
 from spectralar.log import progress
 
 
@@ -37,7 +37,7 @@ def run(ctx) -> dict:
             manifest = prepare_fashion_mnist(cfg, tmp)
         else:
             manifest = prepare_imagefolder(cfg, tmp, log=ctx.log)
-        write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp / MANIFEST, manifest)
         ctx.write_config(tmp)
     seconds = time.perf_counter() - start
     total = sum(s["count"] for s in manifest["splits"].values())

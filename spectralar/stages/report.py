@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 from spectralar.artifacts import HISTORY, read_history
 from spectralar.evaluation.headline import HEADLINE_METRICS
 from spectralar.evaluation.quality_table import quality_rows
-from spectralar.io import atomic_path, csv_text, read_json, rerun_hint, timing_file, write_text
+from spectralar.io import atomic_paths, csv_text, read_json, rerun_hint, timing_file
 from spectralar.stages import STAGES
 
 
@@ -522,19 +522,21 @@ def run(ctx) -> dict:
     out = Path(ctx.args.out)
     out.mkdir(parents=True, exist_ok=True)
     figures: list[str] = []
-    with atomic_path(out / "figures", directory=True) as tmp:
+    texts = [f"{name}.csv" for name in ("ablation", "truncation", "correlation", "stages")] + ["report.md"]
+    # the page, its tables and its figures are one output: all new or all old, even on a full disk
+    with atomic_paths([out / "figures", *(out / name for name in texts)], directories=(out / "figures",)) as tmps:
         histories = {"tokenizer": read_history(Path(ctx.args.tokenizer) / HISTORY),
                      "generator": read_history(Path(ctx.args.generator) / HISTORY)}
-        if plot_losses(histories, tmp / "loss_curves.png"):
+        if plot_losses(histories, tmps[0] / "loss_curves.png"):
             figures.append("loss_curves.png")
         for argument, filename, name in FIGURES:
             source = Path(getattr(ctx.args, argument)) / filename
             if source.is_file():
-                shutil.copyfile(source, tmp / name)
+                shutil.copyfile(source, tmps[0] / name)
                 figures.append(name)
-    for name in ("ablation", "truncation", "correlation", "stages"):
-        write_text(out / f"{name}.csv", csv_text(tables[name]))
-    write_text(out / "report.md", render(params, metrics, tables, figures))
+        for name, tmp in zip(texts, tmps[1:]):
+            tmp.write_text(csv_text(tables[name.removesuffix(".csv")]) if name.endswith(".csv")
+                           else render(params, metrics, tables, figures))
     for name in ("report.md", "ablation.csv", "truncation.csv", "correlation.csv", "stages.csv", "figures"):
         ctx.tracker.log_artifact(out / name, "report" if name != "figures" else "report/figures")
     finish_pipeline_record(ctx, metrics, out)

@@ -50,6 +50,7 @@ from spectralar.training import (
     build_adamw,
     check_finite,
     cleanup,
+    compiled,
     init_distributed,
     lr_at,
     mfu,
@@ -74,6 +75,7 @@ class TrainGeneratorConfig:
     grad_clip: float = 2.0
     ema_decay: float = 0.999
     bf16: bool = True  # autocast on CUDA
+    compile: bool = False  # torch.compile the training forward (after any DDP wrapper)
     checkpoint_every: int = 100
     log_every: int = 25
     val_images: int = 1000  # held-out teacher-forced loss/accuracy on the EMA weights (0 = skip)
@@ -206,6 +208,7 @@ class Trainer:
         if self.dist.is_distributed:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
+        self.net = compiled(self.net, cfg.compile)
         self.checkpointer = checkpointer
         self.history = History(self.device)
 

@@ -51,7 +51,7 @@ from spectralar.artifacts import CONFIG, HISTORY, TOKENIZER_FILE, load_proxy, lo
 from spectralar.config import ConfigError, require
 from spectralar.stages.common import Checkpointer, stage_device
 from spectralar.training import (EMA, DeadCodeRestarts, DistributedContext, HistoryRows, Throughput, all_gather_rows,
-                                 all_reduce_mean, autocast, build_adamw, check_finite, cleanup, data_parallel,
+                                 all_reduce_mean, autocast, build_adamw, check_finite, cleanup, compiled, data_parallel,
                                  gradient_sync, init_distributed, lr_at, progress, set_lr, step_generator)
 
 
@@ -89,6 +89,7 @@ class TrainTokenizerConfig:
     lecam_weight: float = 0.001
     discriminator_lr: float = 1e-4
     bf16: bool = True  # autocast on CUDA
+    compile: bool = False  # torch.compile the training forward (after any DDP wrapper)
     checkpoint_every: int = 250
     log_every: int = 50
     eval_images: int = 500
@@ -301,7 +302,7 @@ class Trainer:
                 p.requires_grad_(False)
             optimizer = build_adamw(self.tokenizer, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
             objects = {"model": self.model, "optimizer": optimizer}
-            self.net = data_parallel(self.tokenizer, self.dist)
+            self.net = compiled(data_parallel(self.tokenizer, self.dist), cfg.compile)
         else:
             trainable = (self.tokenizer.decoder,) if self.pixel_head else (self.tokenizer.decoder, self.proxy.decoder)
             for p in self.model.parameters():
@@ -313,8 +314,8 @@ class Trainer:
                                     weight_decay=cfg.weight_decay)
             objects = {"model": self.model, "optimizer": optimizer}
             # built after requires_grad is set: DDP averages the gradients of the trainable decoders only
-            self.net = data_parallel(Stage2Reconstruction(self.tokenizer, self.proxy, self.pixel_head, cfg.bf16),
-                                     self.dist)
+            self.net = compiled(data_parallel(Stage2Reconstruction(self.tokenizer, self.proxy, self.pixel_head, cfg.bf16),
+                                              self.dist), cfg.compile)
             if cfg.adversarial_weight > 0:
                 self.discriminator = PatchDiscriminator(self.tok_cfg.in_channels).to(self.device)
                 self.discriminator_net = data_parallel(self.discriminator, self.dist)

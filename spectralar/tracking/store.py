@@ -116,6 +116,9 @@ def store_lock(uri: str) -> Iterator[None]:
     creating the sqlite DB and experiment and on creating the pipeline run. Not reentrant."""
     db = sqlite_path(uri)
     if db is not None:
+        if db.exists() and not db.is_file():  # MLflow would retry opening it for ~100 s first
+            raise IsADirectoryError(f"{db} is {'a folder' if db.is_dir() else 'not a regular file'}, "
+                                    f"not an sqlite database: move it away or set tracking.uri")
         db.parent.mkdir(parents=True, exist_ok=True)
         lock_path = f"{db}.lock"
     else:  # a server: still one pipeline run from the parallel jobs of one machine

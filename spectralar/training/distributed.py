@@ -164,9 +164,10 @@ def data_parallel(module: nn.Module, ctx: DistributedContext) -> nn.Module:
 def gradient_sync(module: nn.Module, sync: bool) -> ContextManager[object]:
     """Around a backward pass: DDP all-reduces the gradients only when ``sync`` (the last
     micro-batch of an accumulated step); a null context for an unwrapped module."""
-    if sync or not isinstance(module, nn.parallel.DistributedDataParallel):
+    ddp = getattr(module, "_orig_mod", module)  # a compiled DDP wrapper: DDP's own no_sync
+    if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
-    return module.no_sync()
+    return ddp.no_sync()
 
 
 def barrier() -> None:
@@ -186,6 +187,13 @@ def autocast(device: DeviceLike, enabled: bool) -> ContextManager[object]:
     if enabled and device_type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(module)`` when ``enabled`` (``train_*.compile``), else ``module``. Wrap DDP
+    first and compile the wrapper (PyTorch's recipe: dynamo splits the graph at DDP's buckets);
+    :func:`unwrap_model` finds the user's module inside either."""
+    return torch.compile(module) if enabled else module
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
