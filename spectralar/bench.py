@@ -26,7 +26,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -91,9 +91,29 @@ def bench_read(args: argparse.Namespace) -> dict:
             "resolution": shards.image_shape[0],
             "images_read": len(order),
             "read_images_per_second_one_core": round(len(order) / seconds, 1),
+            **loader_throughput(shards, batch=args.loader_batch, images=args.num, workers=(0, args.workers)),
             "bytes_per_image": round(size / max(len(shards), 1)),
             "imagenet_train_gb_extrapolated": round(size / max(len(shards), 1) * IMAGENET_TRAIN_IMAGES / 1e9, 1),
         })
+    return result
+
+
+def loader_throughput(shards, *, batch: int, images: int, workers: Sequence[int]) -> dict:
+    """Images/s of the training loader (``step_loader``: the tokenizer's and proxy's, with pinned
+    memory on CUDA) at each worker count, over about ``images`` images in batches of ``batch``: what
+    the loader can feed, to set beside a model's training images/s."""
+    from spectralar.data.loader import step_loader
+
+    batch = min(batch, len(shards))
+    steps = max(1, images // batch)
+    result = {}
+    for count in dict.fromkeys(workers):
+        loader = step_loader(shards, batch_size=batch, seed=0, start_step=0, total_steps=steps + 1, workers=count)
+        batches = iter(loader)
+        next(batches)  # workers started, first batch in: not timed
+        start = time.perf_counter()
+        seen = sum(len(images_b) for images_b, _, _ in batches)
+        result[f"loader_images_per_second_workers{count}"] = round(seen / (time.perf_counter() - start), 1)
     return result
 
 
@@ -376,7 +396,8 @@ def main() -> None:
     read.add_argument("--split", default="train")
     read.add_argument("--num", type=int, default=1000)
     read.add_argument("--resolution", type=int, default=256)
-    read.add_argument("--workers", type=int, default=2)
+    read.add_argument("--workers", type=int, default=2, help="prepare's decode workers, and the training loader's")
+    read.add_argument("--loader-batch", type=int, default=64, help="the training loader's batch")
     tok = sub.add_parser("tokenizer", help="tokenizer training throughput and MFU")
     tok.add_argument("--config", choices=("default", "b64"), default="default")
     tok.add_argument("--params", default="params.yaml", help="params file for --config default")

@@ -62,6 +62,9 @@ class TrainTokenizerConfig:
     # Images per forward pass on each process: its share of the batch is split into passes of this
     # size whose gradients are accumulated (fewer GPUs, same global batch); 0 = the whole share.
     micro_batch_size: int = 0
+    # DataLoader worker processes that read (and for JPEG shards decode) the batches ahead of the
+    # step, into pinned memory on CUDA; 0 = the training process reads them (raw shards held in memory).
+    loader_workers: int = 0
     stage1_steps: int = 1000
     stage2_steps: int = 200
     lr: float = 1e-3  # TiTok: 1e-4 at batch 256
@@ -109,6 +112,7 @@ class TrainTokenizerConfig:
             raise ValueError("perceptual_weight > 0 needs perceptual_network (vgg16) and its weights")
         require(self, "dead_code_restart_every", at_least=0, meaning="0 = off")
         require(self, "micro_batch_size", at_least=0, meaning="0 = each process's whole share of the batch")
+        require(self, "loader_workers", at_least=0, meaning="0 = read batches in the training process")
         if self.prefix_sampling not in ("uniform", "linear", "mixed"):
             raise ValueError(f"train_tokenizer.prefix_sampling must be uniform, linear or mixed, "
                              f"got {self.prefix_sampling!r}")
@@ -343,7 +347,7 @@ class Trainer:
         meter, begin = Throughput(), time.perf_counter()
         loader = step_loader(self.train, batch_size=self.cfg.batch_size, seed=self.seed, start_step=start,
                              total_steps=self.total, rank=self.dist.rank, world_size=self.dist.world_size,
-                             in_memory=self.train.format == "raw")
+                             in_memory=self.train.format == "raw", workers=self.cfg.loader_workers)
         self.bar = progress(loader, total=self.total, initial=start, desc="train_tokenizer", unit="step",
                             log_every=self.cfg.log_every, logger=self.log, enabled=self.dist.is_main)
         for step, (images, _, index) in enumerate(self.bar, start=start):
