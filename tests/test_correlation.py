@@ -237,3 +237,17 @@ def test_render_best_predictor_map_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     C.render_best_predictor_map(maps["raster"], tmp_path / "single.png")
     assert (tmp_path / "single.png").stat().st_size > 0
+
+
+def test_downsampling_for_the_analysis_is_a_box_average_and_never_upsamples():
+    from spectralar.evaluation.correlation import downsample
+    from spectralar.stages.correlation import CorrelationConfig
+
+    images = np.random.default_rng(0).random((3, 3, 64, 64))
+    boxes = images.reshape(3, 3, 32, 2, 32, 2).mean(axis=(3, 5))
+    np.testing.assert_allclose(downsample(images, 32), boxes, rtol=0, atol=1e-12)
+    assert downsample(images, None) is images and downsample(images, 64) is images
+    with pytest.raises(ValueError, match="correlation.resolution 128 exceeds the images' 64 x 64"):
+        downsample(images, 128)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        CorrelationConfig(resolution=12)

@@ -27,12 +27,12 @@ batches, far above the ~2.7 GB this rule allows it at batch 1.) Stages without a
 (prepare, correlation, report) do host work a paper run does on the host too, at the sizes the config
 sets: their limit is the 32 GB host share.
 
-One stage runs below 256 px: correlation (Table 1's protocol, no model; the paper's Table 1 is on CIFAR).
-Its Figure 4 map correlates each of the C·H·W elements of t_4 with the 3·C·H·W earlier ones: at 256 px
-that is 196,608 x 589,824 products per image in 4.8 GB float64 blocks, whatever the number of images;
-stopped after 12 minutes at 13.6 GB resident on this 2-core, 23 GB machine (under load). So the test
-prepares the same ImageFolder a second time at CORRELATION_RESOLUTION (64 px) into a folder of its own
-and runs correlation, with the paper config's correlation section, on that.
+One stage analyses below 256 px, as the paper config says: correlation (Table 1's protocol, no model;
+the paper cites CIFAR for Table 1) area-downsamples the 256 px val images to `correlation.resolution`
+(32). Its Figure 4 map correlates each of the C·H·W elements of t_4 with the 3·C·H·W earlier ones: at
+256 px that is 196,608 x 589,824 products per image in 4.8 GB float64 blocks, whatever the number of
+images (stopped after 12 minutes at 13.6 GB resident on this 2-core, 23 GB machine, before the config
+had a resolution).
 
 Time: on 2 CPU cores the run is dominated by the N = 64 levels at 256 px: extract_proxy_codes encodes
 every training image 64 times with the MaskGIT encoder, and train_tokenizer's and evaluate's
@@ -68,7 +68,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.paper]  # not in `make test` (17 min
 
 CLASSES = ("n01440764", "n01443537")  # ImageNet wnids: the official train/<wnid>/*.JPEG layout
 TRAIN_PER_CLASS, VAL_PER_CLASS = 1, 5  # correlation needs 10 val images
-CORRELATION_RESOLUTION = 64  # the one stage that runs below 256 px (module docstring)
 
 # Only step counts, batch sizes and sample / evaluation-image counts change (module docstring).
 REDUCED = {
@@ -197,24 +196,6 @@ def run_stage(project: Path, command: list[str]) -> dict:
     return {"seconds": round(time.perf_counter() - started, 1), "peak_bytes": peak}
 
 
-def with_flags(command: list[str], **values: str) -> list[str]:
-    """``command`` with the values of some of its flags replaced (``data="x"`` for ``--data x``)."""
-    command = list(command)
-    for name, value in values.items():
-        command[command.index(f"--{name}") + 1] = value
-    return command
-
-
-def correlation_commands(project: Path, params: dict, commands: dict[str, list[str]]) -> list[list[str]]:
-    """prepare at CORRELATION_RESOLUTION into a folder of its own, then correlation on it (module docstring)."""
-    low = {**params, "data": {**params["data"], "resolution": CORRELATION_RESOLUTION}}
-    (project / "params_correlation.yaml").write_text(yaml.safe_dump(low, sort_keys=False))
-    data = f"data/prepared_{CORRELATION_RESOLUTION}"
-    return [with_flags(commands["prepare"], params="params_correlation.yaml", out=data,
-                       metrics=f"runs/correlation/prepare_{CORRELATION_RESOLUTION}.json"),
-            with_flags(commands["correlation"], data=data)]
-
-
 def memory_limit(project: Path, params: dict, stage: str) -> int:
     """The module docstring's scaling rule for ``stage``'s peak resident bytes."""
     batch_key, loaded, trained = MODELS[stage]
@@ -256,12 +237,7 @@ def test_paper_configs_run_every_stage_to_the_report(tmp_path):
 
     _write_params(project, d16)
     for stage in [name for name in commands if name not in P4_STAGES] + list(D16_GENERATOR_STAGES):
-        if stage == "correlation":
-            low_prepare, correlation = correlation_commands(project, d16, commands)
-            record(f"prepare ({CORRELATION_RESOLUTION} px)", low_prepare, d16, "prepare")
-            record(f"correlation ({CORRELATION_RESOLUTION} px)", correlation, d16, stage)
-        else:
-            record(stage, commands[stage], d16, stage)
+        record(stage, commands[stage], d16, stage)
     p4 = paper_params(REPO / "configs" / "imagenet-d16-p4.yaml")
     _write_params(project, p4)  # `make use-config`: the generator stages again, with the p4 generator
     for stage in P4_STAGES:

@@ -98,6 +98,18 @@ def _check_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
+def downsample(images: np.ndarray, resolution: Optional[int]) -> np.ndarray:
+    """(N, C, H, W) floats at ``resolution`` x ``resolution`` by area averaging (a box filter when H is
+    a multiple of it); None or the images' own size: unchanged. Upsampling is refused."""
+    height, width = images.shape[-2:]
+    if resolution is None or (height, width) == (resolution, resolution):
+        return images
+    if resolution > min(height, width):
+        raise ValueError(f"correlation.resolution {resolution} exceeds the images' {height} x {width}")
+    pooled = F.interpolate(torch.from_numpy(np.ascontiguousarray(images)), size=(resolution, resolution), mode="area")
+    return pooled.numpy()
+
+
 def _scale_sizes(height: int, width: int) -> list[tuple[int, int]]:
     return [(round(height * s), round(width * s)) for s in SCALE_FRACTIONS]
 

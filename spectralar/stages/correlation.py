@@ -14,17 +14,18 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
-from spectralar.config import require
+from spectralar.config import FieldError, require
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.correlation import (
     PAPER_TABLE1,
     PARADIGMS,
     best_predictor_map,
     correlation_table,
+    downsample,
     render_best_predictor_map,
 )
 from spectralar.io import atomic_path, write_text
@@ -37,10 +38,16 @@ class CorrelationConfig:
     num_images: int = 4000  # first images of the split (all classes; CPU cost grows ~linearly)
     train_fraction: float = 0.8  # fit on this share of the images, score R² on the rest
     mode: Literal["canvas", "increment"] = "canvas"
+    # Side of the images analysed (area-downsampled from the prepared size); null = as prepared. The
+    # cost is quadratic in C·H·W (Figure 4 correlates every element of t4 with every earlier one, and
+    # the ridge fits regress on 3·C·H·W inputs): 256 px would need (3·256²)² products per image.
+    resolution: Optional[int] = None
 
     def __post_init__(self) -> None:
         require(self, "num_images", at_least=10)
         require(self, "train_fraction", above=0, below=1)
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise FieldError("resolution", self.resolution, "null or a multiple of 8 (the tokens' quadrants and scales)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +61,7 @@ def run(ctx) -> dict:
     index = shards.spread(cfg.num_images)  # evenly over the split (ImageFolder splits are class-sorted)
     count = len(index)
     images = shards.images(index).transpose(0, 3, 1, 2).astype(np.float64) / 255.0  # (N, C, H, W)
+    images = downsample(images, cfg.resolution)
     table = correlation_table(images, train_fraction=cfg.train_fraction, seed=ctx.params.run.seed, mode=cfg.mode)
     maps = {p: best_predictor_map(images, p, mode=cfg.mode) for p in PARADIGMS}
     out = Path(ctx.args.out)
@@ -66,7 +74,7 @@ def run(ctx) -> dict:
         ctx.tracker.log_artifact(out / name)
     ctx.log.info("R² average: %s", {p: round(table[p]["average"], 3) for p in PARADIGMS})
     return {**{p: table[p] for p in PARADIGMS}, "paper_table1": PAPER_TABLE1, "protocol": table["protocol"],
-            "num_images": count}
+            "num_images": count, "resolution": images.shape[-1]}
 
 
 def _csv(table: dict) -> str:
