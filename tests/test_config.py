@@ -149,6 +149,7 @@ ZERO_ALLOWED: dict[str, tuple[str, dict]] = {
     "train_tokenizer.adversarial_start_step": ("from the start of stage 2", {}),
     "train_tokenizer.lecam_weight": ("off", {}),
     "train_tokenizer.micro_batch_size": ("each process's whole share in one pass", {}),
+    "train_tokenizer.loader_workers": ("batches read in the training process", {}),
     "evaluate.baseline_images": ("no PCA/DCT baseline columns", {}),
     "generator.drop_path_rate": ("off", {}),
     "generator.dropout": ("off", {}),

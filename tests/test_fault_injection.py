@@ -569,6 +569,18 @@ def _tmpfs(mount_point: Path, size: int) -> str:
     return "" if result.returncode == 0 else f"mount -t tmpfs failed: {result.stderr.strip() or result.returncode}"
 
 
+def _full_disk_under(folder: Path, monkeypatch) -> None:
+    """Every fsync of a file under ``folder`` fails with ENOSPC, as on a full disk (until monkeypatch.undo)."""
+    real_fsync = os.fsync
+
+    def disk_full(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(folder):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+
+
 @pytest.mark.parametrize("variant", ["tmpfs", "enospc", "rlimit"])
 def test_a_full_disk_is_one_line_and_keeps_the_previous_output(pipeline, tmp_path, monkeypatch, variant):
     stage = "train_generator"
@@ -594,14 +606,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_output(pipeline, tmp_pat
         return
     before = _previous_outputs(root, stage)
     if variant == "enospc":
-        real_fsync, folder = os.fsync, out.parent.resolve()
-
-        def disk_full(fd):
-            if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(folder):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", disk_full)
+        _full_disk_under(out.parent.resolve(), monkeypatch)
         code, err = _run_main(root, argv)
         monkeypatch.undo()
         _assert_refused_cleanly(root, before, code, err, "No space left on device", "full disk (ENOSPC at fsync)",
@@ -621,14 +626,7 @@ def test_every_stage_on_a_full_disk_is_one_line_and_keeps_its_previous_output(pi
     root = pipeline.copy(tmp_path / "p")
     argv = stage_argv(stage)
     before = _previous_outputs(root, stage)
-    real_fsync, project = os.fsync, root.resolve()
-
-    def disk_full(fd):
-        if Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(project):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", disk_full)
+    _full_disk_under(root.resolve(), monkeypatch)
     code, err = _run_main(root, argv)
     monkeypatch.undo()
     _assert_refused_cleanly(root, before, code, err, "No space left on device", "full disk (ENOSPC at every fsync)",
