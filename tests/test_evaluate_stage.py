@@ -118,6 +118,31 @@ def test_reference_images_as_samples_score_fid_zero_and_the_evalnet_accuracy(pip
     assert worse["fid"] > max(100 * abs(same["fid"]), 1e-5) and worse["kid"] > same["kid"]
 
 
+def test_realism_ceilings_score_real_images_and_reconstructions_like_samples(pipeline):
+    """The reference's own images scored as samples: FID 0, precision = recall = 1; their reconstructions:
+    the decoder's scores, with the class accuracy recomputed image by image."""
+    from spectralar.stages.evaluate import EvaluateConfig, Scorer, realism_ceilings, reference_for
+
+    root = pipeline.root
+    scorer = Scorer(EvaluateConfig(), str(root / "evalnet" / "evalnet.pt"), torch.device("cpu"))
+    codec = load_codec(root / "tokenizer" / "tokenizer.pt", "cpu")
+    reference = reference_for(root / "reference", "domain")
+    val = ImageShards(root / "prepared", "val")  # the reference's images: a known answer
+    realism = realism_ceilings(scorer, codec, val, NUM_REFERENCE, reference)["realism"]
+    assert realism["images"] == NUM_REFERENCE
+    assert abs(realism["real"]["fid"]) < 1e-3
+    assert realism["real"]["precision"] == realism["real"]["recall"] == 1.0
+    decoded = realism["reconstructions"]
+    assert decoded["fid"] > 1e-3 and 0 <= decoded["precision"] <= 1 and 0 <= decoded["recall"] <= 1
+    images, labels = _val(pipeline)
+    x = to_float(torch.from_numpy(images).permute(0, 3, 1, 2))
+    reconstructions = torch.cat([to_uint8(codec.decode(codec.encode(x[i:i + 1]))) for i in range(len(x))])
+    _, logits = predict(load_domain_net(str(root / "evalnet" / "evalnet.pt")), reconstructions)
+    assert decoded["class_accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()), abs=1e-6)
+    # ADM's reference file has moments only: nothing to score precision/recall against
+    assert realism_ceilings(scorer, codec, val, 4, {"mu": reference["mu"], "sigma": reference["sigma"]}) == {}
+
+
 # ------------------------------------------------------------------------------------------ bad sample files
 
 GOOD_SHAPE = (32, 32, 1)
@@ -275,6 +300,11 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     assert written["reconstruction_class_accuracy"] == pytest.approx(
         float((logits.argmax(1).numpy() == labels).mean()), abs=1e-6)
     assert written["rfid"] > 0 and metrics["fid"] == written["fid"]
+    # real train images and their reconstructions, scored like the 20 samples
+    realism = written["realism"]
+    assert realism["images"] == 20 and set(realism) == {"images", "real", "reconstructions"}
+    for scored in (realism["real"], realism["reconstructions"]):
+        assert set(scored) == {"fid", "precision", "recall", "class_accuracy"} and scored["fid"] > 0
     # the quality table's reference codes on the same 10 images, recomputed from their definitions
     from spectralar.evaluation.baselines import dct_ceiling_psnr
     from spectralar.evaluation.quality import reference_codes

@@ -78,6 +78,18 @@ def test_report_without_a_sweep_holds_this_pipelines_row(project):
     assert [(r["stage"], r["seconds"]) for r in stages] == [("prepare", "3.0"), ("evaluate", "20.0")]
 
 
+def test_table2_sets_real_images_and_their_reconstructions_beside_the_samples(project):
+    root, run = project
+    realism = {"images": 1000, "real": {"fid": 3.25, "precision": 0.71, "recall": 0.69, "class_accuracy": 0.93},
+               "reconstructions": {"fid": 40.5, "precision": 0.65, "recall": 0.21, "class_accuracy": 0.77}}
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(EVALUATE | {"realism": realism}))
+    run()
+    text = (root / "reports" / "report.md").read_text()
+    assert "| metric | ours | real images | their reconstructions | paper (d16) |" in text
+    assert "| fid | 21.5 | 3.25 | 40.5 | 3.02 |" in text and "| recall | 0.4 | 0.69 | 0.21 | — |" in text
+    assert "| kid | 0.01 | — | — | — |" in text and "1000 train images (not among the references)" in text
+
+
 def test_report_takes_table4_rows_from_the_sweep_table(project):
     root, run = project
     (root / "runs" / "ablation").mkdir(parents=True)

@@ -190,6 +190,29 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
     }
 
 
+def realism_ceilings(scorer: Scorer, codec: SpectralCodec, train: ImageShards, count: int,
+                     reference: dict) -> dict[str, Any]:
+    """FID, precision and recall of ``count`` real train images and of the tokenizer's reconstructions of
+    them, scored exactly as the samples are (same count, same val reference, same k): what real data
+    scores under this protocol (FID's small-sample floor, the recall real images reach at this count) and
+    what a generator that produced exactly their tokens would score, since every sample passes through the
+    same decoder. Train images, because the reference is the val split; empty without reference features
+    (ADM's mu/sigma file)."""
+    if reference.get("features") is None or count < 1:
+        return {}
+    index = train.spread(count)
+    images = torch.from_numpy(train.images(index)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(train.labels[index])
+    out: dict[str, Any] = {"images": len(index)}
+    for name, batch in (("real", images), ("reconstructions", reconstruct(codec, images, scorer.cfg.batch_size))):
+        embedded = scorer.embed(batch)
+        scored = compute_metrics(embedded, reference, fid=True, isc=False, kid=False, prc=True,
+                                 prc_neighborhood=scorer.cfg.prc_neighborhood, device=scorer.device)
+        out[name] = {**{key: scored[key] for key in ("fid", "precision", "recall")},
+                     "class_accuracy": class_accuracy(embedded["class_logits"], labels)}
+    return {"realism": out}
+
+
 # ------------------------------------------------------------------------------------------------
 # Tables
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +261,7 @@ def run(ctx) -> dict:
                                                 val.num_classes, n)
     reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images,
                                             train, cfg.baseline_images)
+    reconstruction |= realism_ceilings(scorer, codec, train, generation["num_samples"], reference)
     # the quality targets' range: prefixes i <= 3N/4 (i <= 12 of 16; the last ceilings approach the image)
     reconstruction["quality_summary"] = quality_summary(reconstruction, compare_up_to=3 * n // 4)
     metrics = {

@@ -485,8 +485,19 @@ def render(ctx_params, metrics: Mapping[str, Mapping[str, Any]], tables: Mapping
                   f"against {evaluate.get('num_reference')} reference images.", ""]
         paper = evaluate.get("paper", {})
         keys = HEADLINE_METRICS + ("reconstruction_class_accuracy",)
-        lines.append(markdown_table([{"metric": k, "ours": evaluate.get(k), "paper (d16)": paper.get(k)}
-                                     for k in keys if k in evaluate]))
+        rows = [{"metric": k, "ours": evaluate.get(k), "paper (d16)": paper.get(k)} for k in keys if k in evaluate]
+        realism = evaluate.get("realism")
+        if realism:  # the same protocol applied to real images and to their reconstructions
+            for row in rows:
+                row["real images"] = realism["real"].get(row["metric"])
+                row["their reconstructions"] = realism["reconstructions"].get(row["metric"])
+            lines += [f"`real images`: {realism['images']} train images (not among the references) "
+                      "scored exactly as the samples are: what real data scores at this sample count (FID's "
+                      "small-sample floor; the recall real images reach); `their reconstructions`: the same images "
+                      "through the tokenizer (all N tokens), what a generator that produced exactly their tokens "
+                      "would score.", ""]
+        lines.append(markdown_table(rows, ["metric", "ours", "real images", "their reconstructions", "paper (d16)"]
+                                    if realism else None))
     lines += ablation_section(tables["ablation"], (ctx_params.sweeps.get("ablation") or {}).get("schedule"))
     lines += ["## Truncated generation (Table 3)", "",
               "FID of the same samples decoded from their first N−k tokens; the paper's rows drop k of 64.", "",
