@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -374,20 +375,64 @@ CODE_DIRS = ("spectralar/data", "spectralar/models", "spectralar/spectral", "spe
 LAZY_IMPORTS = {"report": ["spectralar/sweep.py"]}  # imported inside functions, invisible to the import scan
 
 
+# One interpreter imports the third-party libraries (none of them imports spectralar), then forks a
+# child per stage that imports the stage module from there: each child sees exactly the spectralar
+# modules a fresh interpreter would, without paying torch's import twelve times.
+_IMPORT_SCAN = """
+import importlib, json, os, sys
+for library in ("numpy", "scipy", "scipy.linalg", "torch", "torch.nn.functional", "torch.distributed",
+                "torchvision", "PIL.Image", "yaml", "matplotlib", "matplotlib.pyplot", "torch_fidelity", "mlflow"):
+    try:
+        importlib.import_module(library)
+    except ImportError:
+        pass
+assert not [n for n in sys.modules if n.startswith("spectralar")]
+found = {}
+for stage in sys.argv[1:]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        importlib.import_module("spectralar.stages." + stage)
+        files = [os.path.relpath(m.__file__) for n, m in list(sys.modules.items())
+                 if n.startswith("spectralar") and getattr(m, "__file__", None)]
+        os.write(write, json.dumps(files).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        found[stage] = json.loads(pipe.read())
+    assert os.waitpid(pid, 0)[1] == 0, stage
+print(json.dumps(found))
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _stage_imports() -> dict[str, list[str]]:
+    """{stage: the spectralar files its module imports in a fresh interpreter}."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SCAN, *STAGES], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
 def stage_code_deps(stage: str) -> list[str]:
     """The code a stage's outputs depend on: the spectralar files its module imports (in a fresh
     interpreter), as directories for the library packages and as files for stage modules."""
-    script = ("import importlib, os, sys; importlib.import_module(sys.argv[1]); "
-              "print('\\n'.join(os.path.relpath(m.__file__) for n, m in list(sys.modules.items()) "
-              "if n.startswith('spectralar') and getattr(m, '__file__', None)))")
-    files = subprocess.run([sys.executable, "-c", script, f"spectralar.stages.{stage}"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
     deps = set()
-    for path in [*files, *LAZY_IMPORTS.get(stage, [])]:
+    for path in [*_stage_imports()[stage], *LAZY_IMPORTS.get(stage, [])]:
         if path in INFRASTRUCTURE or path.startswith("spectralar/tracking"):
             continue
         deps.add(next((d for d in CODE_DIRS if path.startswith(d + "/")), path))
     return sorted(deps)
+
+
+def test_the_import_scan_equals_a_fresh_interpreter():
+    """The forked scan above against a plain fresh interpreter, for one stage."""
+    script = ("import importlib, os, sys; importlib.import_module(sys.argv[1]); "
+              "print('\\n'.join(os.path.relpath(m.__file__) for n, m in list(sys.modules.items()) "
+              "if n.startswith('spectralar') and getattr(m, '__file__', None)))")
+    fresh = subprocess.run([sys.executable, "-c", script, "spectralar.stages.evaluate"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(fresh) == sorted(_stage_imports()["evaluate"]) and "spectralar/stages/evaluate.py" in fresh
 
 
 def test_generated_rules_mark_the_results_for_the_snakemake_report(tmp_path):
