@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,16 @@ from spectralar.cli import build_parser, run_stage
 from tests.conftest import REPO, TINY, make_fashion_dir, write_params
 
 # A proxy without downsampling keeps a 32x32 code grid: a table row is 8 levels x 1024 positions x 2 B
-# = 16 KB, so 4,000 images make a 64 MB table, far above the tolerance below: a stage that kept the
+# = 16 KB, so 6,800 images make a 106 MB table, far above the tolerance below: a stage that kept the
 # table (or its memory-mapped pages, or the images, or their codes) resident would fail.
-WIDE_ROWS = {"proxy.channel_multipliers": [1], "extract_proxy_codes.batch_size": 50}
-IMAGE_COUNTS = (400, 4000)
-# The 4 MB of input shards read through their memory map fit in it, and the allocator's noise: the
-# 4000-image run's peak exceeded the 400-image run's by 18 MB once beside a CPU-heavy job (a sweep),
-# under 16 MB when quiet. A table kept resident would add the 59 MB of rows between the two runs.
-TOLERANCE_BYTES = 24 << 20
+WIDE_ROWS = {"proxy.channel_multipliers": [1], "extract_proxy_codes.batch_size": 85}  # 80 batches at 6,800
+IMAGE_COUNTS = (400, 6800)
+# The peak resident set of one run is noisy: the same command gave 873-904 MB (and 850 MB from another
+# working directory) in four runs, and one test run saw the larger count peak 49 MB above the smaller
+# with no growth behind it. So each count runs twice and keeps its lower peak, and the tolerance is
+# 48 MB: a table kept resident would add the 100 MB of rows between the two counts.
+TOLERANCE_BYTES = 48 << 20
+RUNS_PER_COUNT = 2
 
 
 def _argv(stage: str, params: Path, root: Path, data: Path, out: Path, metrics: Path) -> list[str]:
@@ -85,8 +88,12 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path, datasets)
     peaks = {}
     for count in IMAGE_COUNTS:
         out = tmp_path / f"codes{count}"
-        peaks[count] = _run_stage(_argv("extract_proxy_codes", params, tmp_path, prepared[count], out,
-                                        tmp_path / f"extract{count}.json"))
+        runs = []
+        for _ in range(RUNS_PER_COUNT):
+            shutil.rmtree(out, ignore_errors=True)  # a finished table would be kept, not recomputed
+            runs.append(_run_stage(_argv("extract_proxy_codes", params, tmp_path, prepared[count], out,
+                                         tmp_path / f"extract{count}.json")))
+        peaks[count] = min(runs)
         table = np.load(out / "train.npy", mmap_mode="r")
         assert table.shape == (count, 8, 32 * 32) and table.nbytes == count * 16384
         timing = json.loads((tmp_path / f"extract{count}.timing.json").read_text())
