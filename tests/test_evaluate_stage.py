@@ -118,17 +118,17 @@ def test_reference_images_as_samples_score_fid_zero_and_the_evalnet_accuracy(pip
     assert worse["fid"] > max(100 * abs(same["fid"]), 1e-5) and worse["kid"] > same["kid"]
 
 
-def test_realism_ceilings_score_real_images_and_reconstructions_like_samples(pipeline):
+def test_realism_calibration_score_real_images_and_reconstructions_like_samples(pipeline):
     """The reference's own images scored as samples: FID 0, precision = recall = 1; their reconstructions:
     the decoder's scores, with the class accuracy recomputed image by image."""
-    from spectralar.stages.evaluate import EvaluateConfig, Scorer, realism_ceilings, reference_for
+    from spectralar.stages.evaluate import EvaluateConfig, Scorer, realism_calibration, reference_for
 
     root = pipeline.root
     scorer = Scorer(EvaluateConfig(), str(root / "evalnet" / "evalnet.pt"), torch.device("cpu"))
     codec = load_codec(root / "tokenizer" / "tokenizer.pt", "cpu")
     reference = reference_for(root / "reference", "domain")
     val = ImageShards(root / "prepared", "val")  # the reference's images: a known answer
-    realism = realism_ceilings(scorer, codec, val, NUM_REFERENCE, reference)["realism"]
+    realism = realism_calibration(scorer, codec, val, NUM_REFERENCE, reference)["realism"]
     assert realism["images"] == NUM_REFERENCE
     assert abs(realism["real"]["fid"]) < 1e-3
     assert realism["real"]["precision"] == realism["real"]["recall"] == 1.0
@@ -140,7 +140,7 @@ def test_realism_ceilings_score_real_images_and_reconstructions_like_samples(pip
     _, logits = predict(load_domain_net(str(root / "evalnet" / "evalnet.pt")), reconstructions)
     assert decoded["class_accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()), abs=1e-6)
     # ADM's reference file has moments only: nothing to score precision/recall against
-    assert realism_ceilings(scorer, codec, val, 4, {"mu": reference["mu"], "sigma": reference["sigma"]}) == {}
+    assert realism_calibration(scorer, codec, val, 4, {"mu": reference["mu"], "sigma": reference["sigma"]}) == {}
 
 
 # ------------------------------------------------------------------------------------------ bad sample files

@@ -35,7 +35,7 @@ from spectralar.io import atomic_path, write_text
 @dataclass(frozen=True)
 class CorrelationConfig:
     split: Literal["train", "val"] = "val"
-    num_images: int = 4000  # first images of the split (all classes; CPU cost grows ~linearly)
+    num_images: int = 4000  # images spread evenly over the split (all classes; CPU cost grows ~linearly)
     train_fraction: float = 0.8  # fit on this share of the images, score R² on the rest
     mode: Literal["canvas", "increment"] = "canvas"
     # Side of the images analysed (area-downsampled from the prepared size); null = as prepared. The

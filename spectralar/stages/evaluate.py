@@ -190,7 +190,7 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
     }
 
 
-def realism_ceilings(scorer: Scorer, codec: SpectralCodec, train: ImageShards, count: int,
+def realism_calibration(scorer: Scorer, codec: SpectralCodec, train: ImageShards, count: int,
                      reference: dict) -> dict[str, Any]:
     """FID, precision and recall of ``count`` real train images and of the tokenizer's reconstructions of
     them, scored exactly as the samples are (same count, same val reference, same k): what real data
@@ -261,7 +261,7 @@ def run(ctx) -> dict:
                                                 val.num_classes, n)
     reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images,
                                             train, cfg.baseline_images)
-    reconstruction |= realism_ceilings(scorer, codec, train, generation["num_samples"], reference)
+    reconstruction |= realism_calibration(scorer, codec, train, generation["num_samples"], reference)
     # the quality targets' range: prefixes i <= 3N/4 (i <= 12 of 16; the last ceilings approach the image)
     reconstruction["quality_summary"] = quality_summary(reconstruction, compare_up_to=3 * n // 4)
     metrics = {

@@ -1,5 +1,6 @@
 """Stage-2 decoder fine-tuning (L2 [+ adversarial]) on top of the committed stage-1 tokenizer: does an
-adversarial term raise the reconstructions' recall (and lower rFID) at what PSNR cost? Run in /tmp/final."""
+adversarial term raise the reconstructions' recall (and lower rFID) at what PSNR cost? Run from the
+root of a project after `make repro`: python stage2_exp.py NAME STEPS ADVERSARIAL_WEIGHT STAGE2_LR."""
 import dataclasses, json, sys, time
 import torch
 from spectralar.config import load_params
@@ -8,7 +9,7 @@ from spectralar.data.shards import ImageShards
 from spectralar.stages.train_tokenizer import Trainer, tokenizer_config_for
 from spectralar.models.codec import SpectralCodec
 from spectralar.evaluation.reconstruction import prefix_psnr
-from spectralar.stages.evaluate import EvaluateConfig, Scorer, realism_ceilings, reference_for, reconstruction_metrics
+from spectralar.stages.evaluate import EvaluateConfig, Scorer, realism_calibration, reference_for, reconstruction_metrics
 
 torch.set_num_threads(2)
 name, steps, adv, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
@@ -30,10 +31,10 @@ ecfg = EvaluateConfig()
 scorer = Scorer(ecfg, "models/evalnet/evalnet.pt", device)
 reference = reference_for("data/reference", "domain")
 rec = reconstruction_metrics(scorer, codec, val, 1000, 250)
-real = realism_ceilings(scorer, codec, train, 1000, reference)["realism"]
+real = realism_calibration(scorer, codec, train, 1000, reference)["realism"]
 out = {"name": name, "steps": steps, "adversarial_weight": adv, "stage2_lr": lr, "train_seconds": round(train_s, 1),
        "psnr_full": rec["psnr_full"], "psnr_prefix": rec["psnr_prefix"], "rfid": rec["rfid"],
        "reconstruction_class_accuracy": rec["reconstruction_class_accuracy"], "realism": real}
 print(json.dumps(out))
-with open(f"/tmp/s2/{name}.json", "w") as f:
+with open(f"{name}.json", "w") as f:
     json.dump(out, f, indent=1)
