@@ -1,8 +1,10 @@
 """One CLI for both orchestrators: ``python -m spectralar <stage> --params params.yaml [paths...]``.
 
 Light until a stage runs: the parser lists the stages from ``spectralar.stages.STAGE_TABLE`` and
-imports only the chosen stage's module (for its arguments, then its ``run``), so ``--help`` and a
-``prepare`` never import torch-fidelity, timm or the models.
+imports only the chosen stage's module (for its arguments, then its ``run``), so ``--help`` imports no
+stage and a stage's ``--help`` no model or evaluation code. A run reads the params file, whose check
+imports every stage's config class (torch with them), but torch-fidelity, torchvision and timm are
+imported only by the functions that use them.
 """
 
 from __future__ import annotations

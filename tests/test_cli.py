@@ -51,6 +51,19 @@ def test_help_lists_every_stage_without_importing_one():
     assert {m for m in modules if m.startswith("spectralar.stages.")} == {"spectralar.stages.context"}
 
 
+def test_loading_params_imports_no_evaluation_or_vision_library():
+    """load_params imports every stage module for its config class, so a heavy import at the top of any
+    stage module is paid by every stage process: torch-fidelity, torchvision and timm (with
+    torch._dynamo, 2.5 s on CPU) are imported inside the functions that use them."""
+    script = ("import json, sys\nfrom spectralar.config import load_params\nload_params('params.yaml')\n"
+              "print(json.dumps(sorted(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    modules = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "spectralar.stages.evaluate" in modules and "spectralar.models.tokenizer" in modules
+    assert not _loaded(modules, ("torch_fidelity", "timm", "torchvision", "torch._dynamo"))
+
+
 def test_a_stage_parser_imports_only_its_own_module():
     code, out, modules = _modules_after(["prepare", "--help"])
     assert code == 0 and "--out" in out and "--params" in out and "--metrics" in out

@@ -369,10 +369,16 @@ def test_slurm_resources_name_existing_rules_and_give_the_gpu_stages_gpus():
 # Code whose change cannot change a stage's outputs: tracking, logging, CLI plumbing, file helpers and
 # the params loader (the params values themselves are dependencies).
 INFRASTRUCTURE = {"spectralar/cli.py", "spectralar/log.py", "spectralar/io.py", "spectralar/config.py",
-                  "spectralar/__init__.py", "spectralar/__main__.py", "spectralar/stages/__init__.py"}
+                  "spectralar/__init__.py", "spectralar/__main__.py", "spectralar/stages/__init__.py",
+                  "spectralar/stages/context.py",  # the CLI's stage plumbing (lock, MLflow run, outputs)
+                  "spectralar/dag.py"}  # reads dvc.yaml for the orchestrators and the sweeps' plans
 CODE_DIRS = ("spectralar/data", "spectralar/models", "spectralar/spectral", "spectralar/training",
              "spectralar/evaluation")
-LAZY_IMPORTS = {"report": ["spectralar/sweep.py"]}  # imported inside functions, invisible to the import scan
+# Modules a stage imports inside functions (to keep load_params, which imports every stage module for
+# its config class, free of torch-fidelity and torchvision): the scan imports them in the stage's child too
+LAZY_IMPORTS = {"report": ["spectralar.sweep"],
+                "reference_stats": ["spectralar.evaluation.extractors", "spectralar.evaluation.metrics"],
+                "evaluate": ["spectralar.evaluation.extractors", "spectralar.evaluation.metrics"]}
 
 
 # One interpreter imports the third-party libraries (none of them imports spectralar), then forks a
@@ -388,12 +394,14 @@ for library in ("numpy", "scipy", "scipy.linalg", "torch", "torch.nn.functional"
         pass
 assert not [n for n in sys.modules if n.startswith("spectralar")]
 found = {}
-for stage in sys.argv[1:]:
+for argument in sys.argv[1:]:
+    stage, _, lazy = argument.partition("=")
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
-        importlib.import_module("spectralar.stages." + stage)
+        for module in ["spectralar.stages." + stage, *filter(None, lazy.split(","))]:
+            importlib.import_module(module)
         files = [os.path.relpath(m.__file__) for n, m in list(sys.modules.items())
                  if n.startswith("spectralar") and getattr(m, "__file__", None)]
         os.write(write, json.dumps(files).encode())
@@ -408,8 +416,9 @@ print(json.dumps(found))
 
 @functools.lru_cache(maxsize=1)
 def _stage_imports() -> dict[str, list[str]]:
-    """{stage: the spectralar files its module imports in a fresh interpreter}."""
-    out = subprocess.run([sys.executable, "-c", _IMPORT_SCAN, *STAGES], cwd=REPO, capture_output=True, text=True,
+    """{stage: the spectralar files its module (and its LAZY_IMPORTS) import in a fresh interpreter}."""
+    arguments = [f"{stage}={','.join(LAZY_IMPORTS.get(stage, []))}" for stage in STAGES]
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SCAN, *arguments], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out)
 
@@ -418,19 +427,48 @@ def stage_code_deps(stage: str) -> list[str]:
     """The code a stage's outputs depend on: the spectralar files its module imports (in a fresh
     interpreter), as directories for the library packages and as files for stage modules."""
     deps = set()
-    for path in [*_stage_imports()[stage], *LAZY_IMPORTS.get(stage, [])]:
+    for path in _stage_imports()[stage]:
         if path in INFRASTRUCTURE or path.startswith("spectralar/tracking"):
             continue
         deps.add(next((d for d in CODE_DIRS if path.startswith(d + "/")), path))
     return sorted(deps)
 
 
+def _function_level_imports(stage: str) -> set[str]:
+    """The spectralar modules a stage module imports inside its functions."""
+    import ast
+
+    tree = ast.parse((REPO / "spectralar" / "stages" / f"{stage}.py").read_text())
+    found = set()
+    for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spectralar"):
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names if alias.name.startswith("spectralar")}
+    return found
+
+
+def test_every_import_inside_a_stage_function_is_in_the_scan():
+    """A spectralar module imported inside a stage's function is invisible to an import of the stage
+    module: it must be listed in LAZY_IMPORTS (or be code that is not a dependency), or dvc.yaml would
+    miss code the stage runs."""
+    for stage in STAGES:
+        scanned = set(_stage_imports()[stage])
+        for module in _function_level_imports(stage):
+            path = module.replace(".", "/")
+            files = {f"{path}.py", f"{path}/__init__.py"}
+            if files & (INFRASTRUCTURE | scanned) or path.startswith("spectralar/tracking"):
+                continue
+            pytest.fail(f"{stage} imports {module} inside a function: add it to LAZY_IMPORTS[{stage!r}]")
+
+
 def test_the_import_scan_equals_a_fresh_interpreter():
-    """The forked scan above against a plain fresh interpreter, for one stage."""
-    script = ("import importlib, os, sys; importlib.import_module(sys.argv[1]); "
+    """The forked scan above against a plain fresh interpreter, for one stage and its lazy imports."""
+    script = ("import importlib, os, sys; [importlib.import_module(m) for m in sys.argv[1:]]; "
               "print('\\n'.join(os.path.relpath(m.__file__) for n, m in list(sys.modules.items()) "
               "if n.startswith('spectralar') and getattr(m, '__file__', None)))")
-    fresh = subprocess.run([sys.executable, "-c", script, "spectralar.stages.evaluate"], cwd=REPO,
+    fresh = subprocess.run([sys.executable, "-c", script, "spectralar.stages.evaluate", *LAZY_IMPORTS["evaluate"]], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     assert sorted(fresh) == sorted(_stage_imports()["evaluate"]) and "spectralar/stages/evaluate.py" in fresh
 

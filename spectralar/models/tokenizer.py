@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from spectralar.models.masks import decoder_mask, encoder_mask
@@ -123,6 +122,10 @@ class TokenizerConfig:
 
 def _vit_blocks(config: TokenizerConfig, depth: int) -> nn.ModuleList:
     """Pre-LN ViT blocks as in ViT-B/TiTok: qkv bias, exact GELU, MLP ratio 4."""
+    # timm is imported here, not at the top: load_params imports this module for TokenizerConfig in
+    # every stage, and timm brings torchvision and torch._dynamo (2 s)
+    from timm.models.vision_transformer import Block
+
     return nn.ModuleList(
         Block(dim=config.width, num_heads=config.heads, mlp_ratio=config.mlp_ratio,
               qkv_bias=True, norm_layer=nn.LayerNorm)

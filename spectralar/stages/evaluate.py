@@ -32,16 +32,18 @@ from spectralar.artifacts import SAMPLES_FILE, load_codec, load_samples, truncat
 from spectralar.config import require
 from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
-from spectralar.evaluation.extractors import extractor_for
+from spectralar.evaluation.domain import class_accuracy
 from spectralar.evaluation.headline import HEADLINE_METRICS
-from spectralar.evaluation.metrics import class_accuracy, compute_metrics, extract_features, load_reference, \
-    reference_statistics
 from spectralar.evaluation.quality import float_images, proxy_ceiling, reference_codes
 from spectralar.evaluation.quality_table import quality_rows, quality_summary
 from spectralar.evaluation.reconstruction import prefix_psnr
 from spectralar.io import atomic_path, csv_text
 from spectralar.models.codec import SpectralCodec, decode_uint8
 from spectralar.stages.common import stage_device
+
+# spectralar.evaluation.metrics and .extractors are imported inside the functions that score: they pull in
+# torch-fidelity, torchvision and torch._dynamo (2 s), which every stage would otherwise pay, since
+# load_params imports this module for EvaluateConfig (tests/test_orchestration.py lists them as lazy deps)
 
 
 # SpectralAR-d16 on ImageNet 256x256 (Inception features, 50k samples, N = 64 tokens).
@@ -91,6 +93,8 @@ def reference_for(directory: str | Path, name: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: evaluate.feature_extractor is {name!r}; add it to "
                                 f"reference_stats.extractors and run the reference_stats stage")
+    from spectralar.evaluation.metrics import load_reference
+
     return load_reference(path)
 
 
@@ -102,12 +106,16 @@ class Scorer:
     """Embeds images with the configured extractor (and the domain net for class accuracy) and scores them."""
 
     def __init__(self, cfg: EvaluateConfig, evalnet: str, device: torch.device) -> None:
+        from spectralar.evaluation.extractors import extractor_for
+
         self.cfg, self.device = cfg, device
         self.extractor, self.kwargs = extractor_for(cfg.feature_extractor, cfg.inception_weights, evalnet)
         self.domain_kwargs = extractor_for("domain", cfg.inception_weights, evalnet)[1]
 
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"features", ["logits"], "class_logits"} of uint8 images (N, C, H, W)."""
+        from spectralar.evaluation.metrics import extract_features
+
         embedded = extract_features(images, self.extractor, self.kwargs, self.cfg.batch_size, self.device)
         if self.cfg.feature_extractor == "domain":
             embedded["class_logits"] = embedded["logits"]
@@ -118,6 +126,8 @@ class Scorer:
 
     def score(self, embedded: dict, labels: torch.Tensor, reference: dict, *, full: bool = True) -> dict[str, Any]:
         """FID and IS (+ KID, precision, recall when ``full``) and the class accuracy of the samples."""
+        from spectralar.evaluation.metrics import compute_metrics
+
         cfg = self.cfg
         metrics = compute_metrics(embedded, reference, fid=True, isc=True, kid=full, prc=full,
                                   kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
@@ -159,6 +169,8 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
     images spread over the split), PSNR of every prefix (``psnr_count`` spread images: N decodes each)
     beside the DCT ceiling, the equal-bits PCA code (fitted on ``baseline_images`` of ``train``; 0 = none)
     and the proxy's ceiling (``spectralar.evaluation.quality``), on the same images."""
+    from spectralar.evaluation.metrics import compute_metrics, reference_statistics
+
     index = val.spread(count)  # evenly over the split (ImageFolder splits are class-sorted)
     count = len(index)
     images = torch.from_numpy(val.images(index)).permute(0, 3, 1, 2).contiguous()  # (R, C, H, W)
@@ -200,6 +212,8 @@ def realism_calibration(scorer: Scorer, codec: SpectralCodec, train: ImageShards
     (ADM's mu/sigma file)."""
     if reference.get("features") is None or count < 1:
         return {}
+    from spectralar.evaluation.metrics import compute_metrics
+
     index = train.spread(count)
     images = torch.from_numpy(train.images(index)).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(train.labels[index])

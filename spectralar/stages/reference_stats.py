@@ -19,8 +19,6 @@ import torch
 
 from spectralar.config import require
 from spectralar.data.shards import ImageShards
-from spectralar.evaluation.extractors import extractor_for
-from spectralar.evaluation.metrics import extract_features, load_adm_reference, reference_statistics, save_reference
 from spectralar.io import atomic_path
 from spectralar.stages.common import stage_device
 
@@ -48,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(ctx) -> dict:
+    # imported here, not at the top: torch-fidelity brings torchvision and torch._dynamo (2 s), which every
+    # stage would pay, since load_params imports this module for ReferenceStatsConfig
+    from spectralar.evaluation.extractors import extractor_for
+    from spectralar.evaluation.metrics import extract_features, load_adm_reference, reference_statistics, save_reference
+
     cfg: ReferenceStatsConfig = ctx.params.reference_stats
     shards = ImageShards(ctx.args.data, "val")
     index = shards.spread(cfg.num_images)  # evenly over the split: ImageFolder splits are class-sorted
