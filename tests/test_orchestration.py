@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -436,8 +437,6 @@ def stage_code_deps(stage: str) -> list[str]:
 
 def _function_level_imports(stage: str) -> set[str]:
     """The spectralar modules a stage module imports inside its functions."""
-    import ast
-
     tree = ast.parse((REPO / "spectralar" / "stages" / f"{stage}.py").read_text())
     found = set()
     for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):

@@ -207,13 +207,12 @@ class Modulation:
 # SDPA backends in the order we want them, for whole sequences (training, prefill, full recompute) and
 # for sampling steps (a group of k queries over the cache). CUDA: flash, then memory-efficient, then
 # math (fp32 with a mask). CPU: PyTorch's fused flash kernel for sequences (1.2x math at 16-64 tokens,
-# measured); math for steps, where the fused kernel's query blocking has nothing to block over
-# (1.2x faster at width 512, 64 tokens).
+# measured). A step on CPU calls no SDPA kernel: SelfAttention writes the product out (the fused
+# kernel's query blocking has nothing to block over, and the math kernel rescales every cached key).
 _PREFERRED_BACKENDS: dict[tuple[str, bool], tuple[SDPBackend, ...]] = {
     ("cuda", False): (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
     ("cuda", True): (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
     ("cpu", False): (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH),
-    ("cpu", True): (SDPBackend.MATH,),
 }
 _BACKEND_ENABLED = {
     SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
@@ -225,9 +224,9 @@ _BACKEND_ENABLED = {
 
 def attention_backends(device: torch.device, step: bool = False) -> list[SDPBackend]:
     """SDPA backends the model allows on ``device`` for a whole sequence or a sampling ``step``: its
-    preference (``_PREFERRED_BACKENDS``; other devices: math) restricted to the backends the caller
-    left enabled, so an enclosing ``sdpa_kernel`` (e.g. a test allowing flash only, to make a fallback
-    an error) still applies; if that leaves none, the caller's choice wins."""
+    preference (``_PREFERRED_BACKENDS``; anything else, a CPU step included: math) restricted to the
+    backends the caller left enabled, so an enclosing ``sdpa_kernel`` (e.g. a test allowing flash only,
+    to make a fallback an error) still applies; if that leaves none, the caller's choice wins."""
     preferred = _PREFERRED_BACKENDS.get((device.type, step), (SDPBackend.MATH,))
     if torch.compiler.is_compiling():  # the flags are host state dynamo does not trace: the preference
         return list(preferred)
