@@ -367,6 +367,7 @@ def bench_tokenizer_quality(args: argparse.Namespace) -> dict:
     """The evaluate stage's reconstruction metrics for one tokenizer file, printed as a table."""
     from spectralar.artifacts import load_codec
     from spectralar.data.shards import ImageShards
+    from spectralar.evaluation.quality import equal_bits_pca
     from spectralar.evaluation.quality_table import quality_rows, quality_summary
     from spectralar.stages.common import stage_device
     from spectralar.stages.evaluate import EvaluateConfig, Scorer, reconstruction_metrics
@@ -377,14 +378,16 @@ def bench_tokenizer_quality(args: argparse.Namespace) -> dict:
     val, train = ImageShards(args.data, "val"), ImageShards(args.data, "train")
     cfg = EvaluateConfig(feature_extractor="domain", reconstruction_images=args.reconstruction_images,
                          psnr_images=args.images, baseline_images=args.baseline_images)
-    metrics = reconstruction_metrics(Scorer(cfg, args.evalnet, device), codec, val, cfg.reconstruction_images,
-                                     cfg.psnr_images, train, cfg.baseline_images)
     n = codec.num_tokens
+    pca = (equal_bits_pca(train, n, codec.tokenizer.config.codebook_size, cfg.baseline_images)
+           if cfg.baseline_images else None)
+    metrics = reconstruction_metrics(Scorer(cfg, args.evalnet, device), codec, val, cfg.reconstruction_images,
+                                     cfg.psnr_images, pca)
     metrics["quality_summary"] = quality_summary(metrics, compare_up_to=3 * n // 4)
     print(markdown_table(quality_rows(metrics, codec.tokenizer.config.codebook_size)))
-    return {key: metrics[key] for key in ("quality_summary", "codebook_usage", "codebook_perplexity", "rfid",
-                                          "reconstruction_class_accuracy", "val_class_accuracy", "psnr_images",
-                                          "reconstruction_images")}
+    keys = ("quality_summary", "codebook_usage", "codebook_perplexity", "rfid", "reconstruction_class_accuracy",
+            "val_class_accuracy", "pca_equal_bits_code", "psnr_images", "reconstruction_images")
+    return {key: metrics[key] for key in keys if key in metrics}
 
 
 def main() -> None:

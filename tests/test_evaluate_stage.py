@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,29 @@ def test_reference_images_as_samples_score_fid_zero_and_the_evalnet_accuracy(pip
     worse = pipeline.evaluate(tmp_path / "corrupted", "corrupted")
     # (the TINY evalnet's features are small, so are its FIDs: compare with the numerical floor of "same")
     assert worse["fid"] > max(100 * abs(same["fid"]), 1e-5) and worse["kid"] > same["kid"]
+
+
+def test_tokenizer_quality_benchmark_prints_the_evaluate_stages_numbers(pipeline, monkeypatch, capsys):
+    """`python -m spectralar.bench tokenizer-quality` on the same images gives the evaluate stage's
+    reconstruction numbers, the equal-bits PCA code's included, and prints one table row per prefix."""
+    from spectralar import bench
+
+    r = pipeline.root
+    written = pipeline.evaluate(r / "samples", "bench_reference")
+    monkeypatch.setattr(sys, "argv", [
+        "bench", "tokenizer-quality", "--tokenizer", str(r / "tokenizer" / "tokenizer.pt"), "--data",
+        str(r / "prepared"), "--evalnet", str(r / "evalnet" / "evalnet.pt"), "--images", str(written["psnr_images"]),
+        "--reconstruction-images", str(written["rfid_num_images"]), "--device", "cpu"])
+    bench.main()
+    out = capsys.readouterr().out
+    table, result = out[:out.index("\n{")], json.loads(out[out.index("\n{"):])
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [str(i) for i in range(1, N_TOKENS + 1)]
+    assert result["quality_summary"] == written["quality_summary"]
+    assert result["reconstruction_class_accuracy"] == written["reconstruction_class_accuracy"]
+    assert result["rfid"] == pytest.approx(written["rfid"], rel=1e-6)
+    code = result["pca_equal_bits_code"]
+    assert code["class_accuracy"] == written["pca_equal_bits_code"]["class_accuracy"]
+    assert code["rfid"] == pytest.approx(written["pca_equal_bits_code"]["rfid"], rel=1e-6)
 
 
 def test_realism_calibration_score_real_images_and_reconstructions_like_samples(pipeline):
@@ -302,12 +326,12 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     assert written["rfid"] > 0 and metrics["fid"] == written["fid"]
     # real train images and their reconstructions, scored like the 20 samples
     realism = written["realism"]
-    assert realism["images"] == 20 and set(realism) == {"images", "real", "reconstructions"}
-    for scored in (realism["real"], realism["reconstructions"]):
+    assert realism["images"] == 20 and set(realism) == {"images", "real", "reconstructions", "pca_equal_bits"}
+    for scored in (realism["real"], realism["reconstructions"], realism["pca_equal_bits"]):
         assert set(scored) == {"fid", "precision", "recall", "class_accuracy"} and scored["fid"] > 0
     # the quality table's reference codes on the same 10 images, recomputed from their definitions
-    from spectralar.evaluation.baselines import dct_ceiling_psnr
-    from spectralar.evaluation.quality import reference_codes
+    from spectralar.evaluation.baselines import dct_ceiling_psnr, fit_pca, pca_reconstruct
+    from spectralar.evaluation.quality import equal_bits_pca, float_images, reference_codes
 
     omegas = written["omegas"]
     assert written["dct_ceiling"] == pytest.approx([dct_ceiling_psnr(x.double(), w) for w in omegas], abs=1e-3)
@@ -316,7 +340,17 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     assert written["pca_components"] == [i * 5 // 8 for i in range(1, N_TOKENS + 1)]
     train = ImageShards(root / "prepared", "train")
     assert written["pca_fit_images"] == len(train)  # baseline_images (10000) > the tiny split: all of it
-    assert reference_codes(train, x.double(), omegas, codebook, 10000)["pca_equal_bits"] == written["pca_equal_bits"]
+    pca = equal_bits_pca(train, N_TOKENS, codebook, 10000)
+    assert reference_codes(pca, x.double(), omegas)["pca_equal_bits"] == written["pca_equal_bits"]
+    # the PCA code of all N tokens' bits on the same 10 images, on the perceptual measures: rebuilt from the
+    # basis functions (every train image, the last prefix's components, 8 bits a coefficient, uint8 out)
+    k = written["pca_components"][-1]
+    basis = fit_pca(float_images(train, np.arange(len(train))), k)
+    simple = to_uint8(pca_reconstruct(basis, x.double(), k, 8).float())
+    _, logits = predict(load_domain_net(str(root / "evalnet" / "evalnet.pt")), simple)
+    code = written["pca_equal_bits_code"]
+    assert code["components"] == k and code["bits"] == 8 and code["rfid"] > 0
+    assert code["class_accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == labels).mean()), abs=1e-6)
     assert written["pca_equal_bits"] == sorted(written["pca_equal_bits"])  # more bits, more components, less error
     assert len(written["proxy_ceiling"]) == N_TOKENS and all(p > 0 for p in written["proxy_ceiling"])
     summary = written["quality_summary"]

@@ -8,18 +8,24 @@ For each prefix length i (tokens s_1..s_i, ω_i from the schedule) the table hol
   * proxy_ceiling: the proxy VQ's own reconstruction of I'_i against I'_i, the cap of TiTok's stage-1
     target (``decoder_head: proxy_codes``; with a pixel head the proxy is not on the decode path).
 All are the mean of per-image PSNRs on the same val images (``measures.psnr`` convention).
+
+The PCA code of the full code's bits (:meth:`EqualBitsPCA.images`) is also scored on every measure the
+tokenizer's reconstructions get (rFID, class accuracy, FID / precision / recall like the samples): a
+tokenizer must beat the simple code of its size on what a person sees too, not only on PSNR.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from spectralar.data.loader import to_float
+from spectralar.data.loader import to_float, to_uint8
 from spectralar.data.shards import ImageShards
-from spectralar.evaluation.baselines import dct_ceiling_psnr, equal_bits_components, fit_pca, pca_equal_bits_psnr
+from spectralar.evaluation.baselines import PCABasis, dct_ceiling_psnr, equal_bits_components, fit_pca, \
+    pca_equal_bits_psnr, pca_reconstruct
 from spectralar.evaluation.measures import psnr
 from spectralar.spectral import band_limit
 
@@ -32,27 +38,44 @@ def float_images(shards: ImageShards, index: np.ndarray) -> torch.Tensor:
     return to_float(images).double()
 
 
-def reference_codes(train: ImageShards, val_images: torch.Tensor, omegas: Sequence[int], codebook_size: int,
-                    fit_images: int) -> dict[str, list]:
-    """DCT ceiling and equal-bits PCA PSNR for every prefix length (float64).
+@dataclass(frozen=True)
+class EqualBitsPCA:
+    """The PCA code of every prefix's bit budget: ``components[i - 1]`` 8-bit coefficients for i tokens,
+    all from one basis fitted on ``fit_images`` training images."""
 
-    The PCA basis is fitted on ``fit_images`` training images spread over the split; a prefix whose
-    bits do not make one whole coefficient gets the mean image (0 components).
-    """
-    n = len(omegas)
-    components = [equal_bits_components(i, codebook_size, PCA_BITS) for i in range(1, n + 1)]
+    basis: PCABasis
+    components: tuple[int, ...]
+    fit_images: int
+
+    def images(self, images_uint8: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """uint8 images (B, C, H, W) through the code of ``tokens`` tokens' bits (None = all N), as uint8:
+        what the tokenizer's full code is compared with on every measure, not only PSNR."""
+        k = self.components[(tokens or len(self.components)) - 1]
+        return to_uint8(pca_reconstruct(self.basis, to_float(images_uint8), k, PCA_BITS).float())
+
+
+def equal_bits_pca(train: ImageShards, num_tokens: int, codebook_size: int, fit_images: int) -> EqualBitsPCA:
+    """Fit the PCA basis of the equal-bits code on ``fit_images`` training images spread over the split; a
+    prefix whose bits do not make one whole coefficient gets the mean image (0 components)."""
+    components = tuple(equal_bits_components(i, codebook_size, PCA_BITS) for i in range(1, num_tokens + 1))
     train_images = float_images(train, train.spread(fit_images))
-    dimension = int(np.prod(val_images.shape[1:]))
+    dimension = int(np.prod(train_images.shape[1:]))
     if max(components) > min(len(train_images), dimension):
         raise ValueError(f"the equal-bits PCA code needs {max(components)} components but {len(train_images)} "
                          f"training images of dimension {dimension} give at most "
                          f"{min(len(train_images), dimension)}: raise evaluate.baseline_images")
-    basis = fit_pca(train_images, max(max(components), 1))
+    return EqualBitsPCA(fit_pca(train_images, max(max(components), 1)), components, len(train_images))
+
+
+def reference_codes(pca: EqualBitsPCA, val_images: torch.Tensor, omegas: Sequence[int]) -> dict[str, list]:
+    """DCT ceiling and equal-bits PCA PSNR for every prefix length (float64)."""
+    if len(omegas) != len(pca.components):
+        raise ValueError(f"{len(omegas)} omegas for a PCA code of {len(pca.components)} prefix lengths")
     return {
         "dct_ceiling": [round(dct_ceiling_psnr(val_images, omega), 3) for omega in omegas],
-        "pca_equal_bits": [round(pca_equal_bits_psnr(basis, val_images, k, PCA_BITS), 3) for k in components],
-        "pca_components": components,
-        "pca_fit_images": len(train_images),
+        "pca_equal_bits": [round(pca_equal_bits_psnr(pca.basis, val_images, k, PCA_BITS), 3) for k in pca.components],
+        "pca_components": list(pca.components),
+        "pca_fit_images": pca.fit_images,
     }
 
 

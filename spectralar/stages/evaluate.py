@@ -34,7 +34,8 @@ from spectralar.data.loader import to_float
 from spectralar.data.shards import ImageShards
 from spectralar.evaluation.domain import class_accuracy
 from spectralar.evaluation.headline import HEADLINE_METRICS
-from spectralar.evaluation.quality import float_images, proxy_ceiling, reference_codes
+from spectralar.evaluation.quality import PCA_BITS, EqualBitsPCA, equal_bits_pca, float_images, proxy_ceiling, \
+    reference_codes
 from spectralar.evaluation.quality_table import quality_rows, quality_summary
 from spectralar.evaluation.reconstruction import prefix_psnr
 from spectralar.io import atomic_path, csv_text
@@ -164,11 +165,12 @@ def reconstruct(codec: SpectralCodec, images: torch.Tensor, batch_size: int) -> 
 
 
 def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShards, count: int,
-                           psnr_count: int, train: ImageShards | None = None, baseline_images: int = 0) -> dict[str, Any]:
+                           psnr_count: int, pca: EqualBitsPCA | None = None) -> dict[str, Any]:
     """rFID against the same val images, class accuracy of originals and reconstructions (``count`` val
     images spread over the split), PSNR of every prefix (``psnr_count`` spread images: N decodes each)
-    beside the DCT ceiling, the equal-bits PCA code (fitted on ``baseline_images`` of ``train``; 0 = none)
-    and the proxy's ceiling (``spectralar.evaluation.quality``), on the same images."""
+    beside the DCT ceiling, the equal-bits PCA code (``pca``; None = no simple codes) and the proxy's
+    ceiling (``spectralar.evaluation.quality``), on the same images; with ``pca``, the rFID and class
+    accuracy of the PCA code of the full code's bits on the same ``count`` images (``pca_equal_bits_code``)."""
     from spectralar.evaluation.metrics import compute_metrics, reference_statistics
 
     index = val.spread(count)  # evenly over the split (ImageFolder splits are class-sorted)
@@ -176,17 +178,22 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
     images = torch.from_numpy(val.images(index)).permute(0, 3, 1, 2).contiguous()  # (R, C, H, W)
     labels = torch.from_numpy(val.labels[index])
     real = scorer.embed(images)
+    real_statistics = reference_statistics(real["features"])
+
+    def rfid(embedded: dict) -> float:
+        return compute_metrics(embedded, real_statistics, fid=True, isc=False, kid=False, prc=False)["fid"]
+
     fake = scorer.embed(reconstruct(codec, images, scorer.cfg.batch_size))
-    rfid = compute_metrics(fake, reference_statistics(real["features"]), fid=True, isc=False, kid=False,
-                           prc=False)["fid"]
     psnr = prefix_psnr(codec, val, min(psnr_count, count), scorer.device)
     psnr_images = float_images(val, val.spread(psnr["eval_images"]))
     baselines: dict[str, Any] = {"proxy_ceiling": proxy_ceiling(codec.proxy, psnr_images, codec.omegas)}
-    if baseline_images > 0 and train is not None:
-        baselines |= reference_codes(train, psnr_images, codec.omegas, codec.tokenizer.config.codebook_size,
-                                     baseline_images)
+    if pca is not None:
+        baselines |= reference_codes(pca, psnr_images, codec.omegas)
+        simple = scorer.embed(pca.images(images))
+        baselines["pca_equal_bits_code"] = {"components": pca.components[-1], "bits": PCA_BITS, "rfid": rfid(simple),
+                                            "class_accuracy": class_accuracy(simple["class_logits"], labels)}
     return {
-        "rfid": rfid,
+        "rfid": rfid(fake),
         "rfid_num_images": count,
         "reconstruction_class_accuracy": class_accuracy(fake["class_logits"], labels),
         "val_class_accuracy": class_accuracy(real["class_logits"], labels),  # the domain net on the originals
@@ -203,13 +210,14 @@ def reconstruction_metrics(scorer: Scorer, codec: SpectralCodec, val: ImageShard
 
 
 def realism_calibration(scorer: Scorer, codec: SpectralCodec, train: ImageShards, count: int,
-                     reference: dict) -> dict[str, Any]:
+                        reference: dict, pca: EqualBitsPCA | None = None) -> dict[str, Any]:
     """FID, precision and recall of ``count`` real train images and of the tokenizer's reconstructions of
     them, scored exactly as the samples are (same count, same val reference, same k): what real data
     scores under this protocol (FID's small-sample floor, the recall real images reach at this count) and
     what a generator that produced exactly their tokens would score, since every sample passes through the
-    same decoder. Train images, because the reference is the val split; empty without reference features
-    (ADM's mu/sigma file)."""
+    same decoder; with ``pca``, also the same images through the PCA code of the tokens' bits
+    (``pca_equal_bits``). Train images, because the reference is the val split; empty without reference
+    features (ADM's mu/sigma file)."""
     if reference.get("features") is None or count < 1:
         return {}
     from spectralar.evaluation.metrics import compute_metrics
@@ -218,8 +226,11 @@ def realism_calibration(scorer: Scorer, codec: SpectralCodec, train: ImageShards
     images = torch.from_numpy(train.images(index)).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(train.labels[index])
     out: dict[str, Any] = {"images": len(index)}
-    for name, batch in (("real", images), ("reconstructions", reconstruct(codec, images, scorer.cfg.batch_size))):
-        embedded = scorer.embed(batch)
+    versions = {"real": lambda: images, "reconstructions": lambda: reconstruct(codec, images, scorer.cfg.batch_size)}
+    if pca is not None:
+        versions["pca_equal_bits"] = lambda: pca.images(images)
+    for name, make in versions.items():
+        embedded = scorer.embed(make())
         scored = compute_metrics(embedded, reference, fid=True, isc=False, kid=False, prc=True,
                                  prc_neighborhood=scorer.cfg.prc_neighborhood, device=scorer.device)
         out[name] = {**{key: scored[key] for key in ("fid", "precision", "recall")},
@@ -273,9 +284,10 @@ def run(ctx) -> dict:
     n = codec.num_tokens
     generation, truncation = generation_metrics(scorer, Path(ctx.args.samples), reference, val.image_shape,
                                                 val.num_classes, n)
-    reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images,
-                                            train, cfg.baseline_images)
-    reconstruction |= realism_calibration(scorer, codec, train, generation["num_samples"], reference)
+    pca = (equal_bits_pca(train, n, codec.tokenizer.config.codebook_size, cfg.baseline_images)
+           if cfg.baseline_images > 0 else None)
+    reconstruction = reconstruction_metrics(scorer, codec, val, cfg.reconstruction_images, cfg.psnr_images, pca)
+    reconstruction |= realism_calibration(scorer, codec, train, generation["num_samples"], reference, pca)
     # the quality targets' range: prefixes i <= 3N/4 (i <= 12 of 16; the last ceilings approach the image)
     reconstruction["quality_summary"] = quality_summary(reconstruction, compare_up_to=3 * n // 4)
     metrics = {

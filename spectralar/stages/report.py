@@ -397,6 +397,10 @@ def tokenizer_quality_section(evaluate: Mapping[str, Any], codebook_size: int) -
              f"reconstructions classified correctly {evaluate['reconstruction_class_accuracy']:.1%} "
              f"(originals {evaluate['val_class_accuracy']:.1%}), rFID {evaluate['rfid']:.1f}"
              if "reconstruction_class_accuracy" in evaluate and "val_class_accuracy" in evaluate else None]
+    pca = evaluate.get("pca_equal_bits_code")
+    if pca:  # the same images through the PCA code of the full code's bits
+        facts.append(f"the equal-bits PCA code ({pca['components']} coefficients of {pca['bits']} bits) on the same "
+                     f"images: classified correctly {pca['class_accuracy']:.1%}, rFID {pca['rfid']:.1f}")
     return lines + ["", "; ".join(f for f in facts if f) + ".", ""]
 
 
@@ -488,16 +492,19 @@ def render(ctx_params, metrics: Mapping[str, Mapping[str, Any]], tables: Mapping
         rows = [{"metric": k, "ours": evaluate.get(k), "paper (d16)": paper.get(k)} for k in keys if k in evaluate]
         realism = evaluate.get("realism")
         if realism:  # the same protocol applied to real images and to their reconstructions
+            columns = {"real images": "real", "their reconstructions": "reconstructions",
+                       "their equal-bits PCA code": "pca_equal_bits"}
+            columns = {heading: key for heading, key in columns.items() if key in realism}
             for row in rows:
-                row["real images"] = realism["real"].get(row["metric"])
-                row["their reconstructions"] = realism["reconstructions"].get(row["metric"])
+                row.update({heading: realism[key].get(row["metric"]) for heading, key in columns.items()})
             lines += [f"`real images`: {realism['images']} train images (not among the references) "
                       "scored exactly as the samples are: what real data scores at this sample count (FID's "
                       "small-sample floor; the recall real images reach); `their reconstructions`: the same images "
                       "through the tokenizer (all N tokens), what a generator that produced exactly their tokens "
-                      "would score.", ""]
-        lines.append(markdown_table(rows, ["metric", "ours", "real images", "their reconstructions", "paper (d16)"]
-                                    if realism else None))
+                      "would score" + ("; `their equal-bits PCA code`: the same images through a PCA code of the "
+                                       "tokens' bits (8-bit coefficients), the simple code of the tokenizer's size"
+                                       if "pca_equal_bits" in realism else "") + ".", ""]
+        lines.append(markdown_table(rows, ["metric", "ours", *columns, "paper (d16)"] if realism else None))
     lines += ablation_section(tables["ablation"], (ctx_params.sweeps.get("ablation") or {}).get("schedule"))
     lines += ["## Truncated generation (Table 3)", "",
               "FID of the same samples decoded from their first N−k tokens; the paper's rows drop k of 64.", "",
