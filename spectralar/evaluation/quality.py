@@ -47,11 +47,10 @@ class EqualBitsPCA:
     components: tuple[int, ...]
     fit_images: int
 
-    def images(self, images_uint8: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
-        """uint8 images (B, C, H, W) through the code of ``tokens`` tokens' bits (None = all N), as uint8:
-        what the tokenizer's full code is compared with on every measure, not only PSNR."""
-        k = self.components[(tokens or len(self.components)) - 1]
-        return to_uint8(pca_reconstruct(self.basis, to_float(images_uint8), k, PCA_BITS).float())
+    def images(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) through the code of all N tokens' bits, as uint8: what the tokenizer's
+        full code is compared with on every measure, not only PSNR."""
+        return to_uint8(pca_reconstruct(self.basis, to_float(images_uint8), self.components[-1], PCA_BITS).float())
 
 
 def equal_bits_pca(train: ImageShards, num_tokens: int, codebook_size: int, fit_images: int) -> EqualBitsPCA:
