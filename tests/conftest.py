@@ -52,6 +52,18 @@ def _repository_store_untouched():
     assert after == before, f"the test suite wrote to the repository's MLflow store: {sorted(set(after.items()) ^ set(before.items()))}"
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -41,13 +41,7 @@ def random_ids(batch: int = 3, seed: int = 1) -> torch.Tensor:
 LABELS = torch.tensor([0, 3, 4])
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------------------- config

@@ -34,8 +34,8 @@ def perturbed_model(tokens_per_step: int) -> SpectralGPT:
     return model
 
 
-# one intra-op thread, as in test_generator.py (its fixture, reused: tiny models only contend on more)
-from tests.test_generator import single_thread  # noqa: E402,F401  (an autouse fixture)
+# one intra-op thread (the conftest fixture): tiny models only contend on more
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sample(model: SpectralGPT, **settings) -> torch.Tensor:

@@ -19,13 +19,7 @@ TINY = TokenizerConfig(image_size=8, in_channels=1, patch_size=2, width=32, enco
                        code_dim=8, proxy_codebook_size=16, causal_mask=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; more threads only fight on the shared 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(causal: bool = True, seed: int = 0) -> NestedSpectralTokenizer:

@@ -19,7 +19,7 @@ Sampling cost: the AdaLN gates, scales and shifts depend only on the class, so a
 them once (:meth:`SpectralGPT.modulation`) and every step reuses them; keys and values go into buffers
 preallocated for the whole sequence (:class:`KVCache`), so a step writes k positions and never copies
 the cache. SDPA backends are chosen explicitly, per device and per kind of call (whole sequence or
-sampling step): :func:`attention_backends`.
+sampling step): :func:`spectralar.models.attention.attention_backends`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
+from spectralar.models.attention import attention_backends
 from spectralar.models.checks import require_in_range
 
 __all__ = [
@@ -202,36 +203,6 @@ class Modulation:
 
     blocks: tuple[tuple[torch.Tensor, ...], ...]  # per block: 6 tensors (B, 1, C), VAR's row order
     head: tuple[torch.Tensor, torch.Tensor]  # scale, shift (B, 1, C)
-
-
-# SDPA backends in the order we want them, for whole sequences (training, prefill, full recompute) and
-# for sampling steps (a group of k queries over the cache). CUDA: flash, then memory-efficient, then
-# math (fp32 with a mask). CPU: PyTorch's fused flash kernel for sequences (1.2x math at 16-64 tokens,
-# measured). A step on CPU calls no SDPA kernel: SelfAttention writes the product out (the fused
-# kernel's query blocking has nothing to block over, and the math kernel rescales every cached key).
-_PREFERRED_BACKENDS: dict[tuple[str, bool], tuple[SDPBackend, ...]] = {
-    ("cuda", False): (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
-    ("cuda", True): (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
-    ("cpu", False): (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH),
-}
-_BACKEND_ENABLED = {
-    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
-    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
-    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
-    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
-}
-
-
-def attention_backends(device: torch.device, step: bool = False) -> list[SDPBackend]:
-    """SDPA backends the model allows on ``device`` for a whole sequence or a sampling ``step``: its
-    preference (``_PREFERRED_BACKENDS``; anything else, a CPU step included: math) restricted to the
-    backends the caller left enabled, so an enclosing ``sdpa_kernel`` (e.g. a test allowing flash only,
-    to make a fallback an error) still applies; if that leaves none, the caller's choice wins."""
-    preferred = _PREFERRED_BACKENDS.get((device.type, step), (SDPBackend.MATH,))
-    if torch.compiler.is_compiling():  # the flags are host state dynamo does not trace: the preference
-        return list(preferred)
-    enabled = [backend for backend, is_enabled in _BACKEND_ENABLED.items() if is_enabled()]
-    return [backend for backend in preferred if backend in enabled] or enabled
 
 
 def block_causal_mask(

@@ -9,7 +9,7 @@ quantised tokens and predicts, at each of the h×w positions, logits over the pr
 length i in one forward pass; the spectral causal mask (masks.py) keeps token s_i blind to s_j,
 j > i, in E and D. Differences from TiTok: no cls token; the latent projection is a true
 per-token Linear (TiTok's official weights reshape instead of permute, mixing tokens); the
-proxy head is LayerNorm + Linear.
+proxy head is LayerNorm + Linear. Attention kernels: :func:`spectralar.models.attention.attention_backends`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
+from spectralar.models.attention import attention_backends
 from spectralar.models.masks import decoder_mask, encoder_mask
 from spectralar.models.quantizer import SpectralTokenQuantizer
 
@@ -169,8 +171,9 @@ class SpectralEncoder(nn.Module):
         x_BLC = self.norm_pre(torch.cat([patches_BPC, queries_BNC], dim=1))  # (B, P+N, C)
         attn_mask = encoder_mask(config.num_patches, config.num_tokens, config.causal_mask,
                                  device=x_BLC.device)  # (L, L) or None
-        for block in self.blocks:
-            x_BLC = block(x_BLC, attn_mask=attn_mask)  # (B, P+N, C)
+        with sdpa_kernel(attention_backends(x_BLC.device)):
+            for block in self.blocks:
+                x_BLC = block(x_BLC, attn_mask=attn_mask)  # (B, P+N, C)
         tokens_BNC = self.norm_post(x_BLC[:, config.num_patches:])  # (B, N, C)
         return self.latent_projection(tokens_BNC)  # (B, N, D)
 
@@ -218,8 +221,9 @@ class SpectralDecoder(nn.Module):
         slots_BnC = self.code_projection(codes_BnD) + self.token_position_embedding[:, :num_slots]
         masks_BPC = (self.mask_token + self.mask_position_embedding).expand(batch, -1, -1)
         x_BLC = self.norm_pre(torch.cat([masks_BPC.to(slots_BnC.dtype), slots_BnC], dim=1))
-        for block in self.blocks:
-            x_BLC = block(x_BLC, attn_mask=attn_mask)  # (B, P+n, C)
+        with sdpa_kernel(attention_backends(x_BLC.device)):
+            for block in self.blocks:
+                x_BLC = block(x_BLC, attn_mask=attn_mask)  # (B, P+n, C)
         return x_BLC
 
     def forward(
