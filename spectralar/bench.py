@@ -157,8 +157,10 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
     codes = torch.randint(0, cfg.proxy_codebook_size, (args.batch, cfg.grid_size, cfg.grid_size), device=device)
     prefix = torch.randint(1, cfg.num_tokens + 1, (args.batch,), device=device)
 
+    cpu_bf16 = getattr(args, "cpu_bf16", False)
+
     def step() -> None:
-        with autocast(device, True):
+        with autocast(device, True, cpu_bf16):
             output, _, vq = model(x, prefix)
         if cfg.decoder_head == "pixels":  # stage 1 regresses the pixels of I'_i (the target's cost is negligible)
             loss = torch.nn.functional.mse_loss(output.float(), x) + vq
@@ -186,6 +188,7 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
         "config": args.config, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch": args.batch,
+        "precision": "bf16 autocast" if device.type == "cuda" or cpu_bf16 else "float32",
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_images_per_second": round(rate, 1),
         "model_tflops_per_image": round(flops / 1e12, 4),
@@ -199,7 +202,7 @@ GENERATOR_CONFIGS = ("default", "d16", "d20", "d24", "d16_p4")
 
 
 def generator_training(config, device: str | torch.device = "cpu", batch: int = 64, steps: int = 10,
-              warmup: int = 2, bf16: bool = True, peak: Optional[float] = None) -> dict:
+              warmup: int = 2, bf16: bool = True, peak: Optional[float] = None, cpu_bf16: bool = False) -> dict:
     """Training throughput of the generator on random tokens: forward, backward and AdamW per step.
 
     Returns tokens/s, images/s, parameters, FLOPs per image and MFU (None on CPU unless ``peak``,
@@ -218,7 +221,7 @@ def generator_training(config, device: str | torch.device = "cpu", batch: int = 
     labels_B = torch.randint(0, config.num_classes + 1, (batch,), generator=generator).to(device)
 
     def one_step() -> None:
-        with autocast(device, bf16):
+        with autocast(device, bf16, cpu_bf16):
             logits_BNV = net(ids_BN, labels_B)
         loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), ids_BN.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -343,12 +346,15 @@ def bench_generator(args: argparse.Namespace) -> dict:
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "num_tokens": cfg.num_tokens, "tokens_per_step": cfg.tokens_per_step}
     if args.steps:
+        cpu_bf16 = getattr(args, "cpu_bf16", False)
         torch.set_num_threads(max(threads))
         train = generator_training(cfg, device, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                                   bf16=not args.fp32, peak=args.peak_flops)
+                                   bf16=not args.fp32, peak=args.peak_flops, cpu_bf16=cpu_bf16)
         result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
                                                  "tokens_per_second", "flops_per_image", "mfu")}
         result["train"]["threads"] = max(threads)
+        autocasts = not args.fp32 and (device.type == "cuda" or cpu_bf16)
+        result["train"]["precision"] = "bf16 autocast" if autocasts else "float32"
     result["sample"] = []
     for size in args.sample_sizes:
         overrides, default_batch = SAMPLING_SIZES[size]
@@ -408,6 +414,8 @@ def main() -> None:
     tok.add_argument("--batch", type=int, default=64)
     tok.add_argument("--steps", type=int, default=10)
     tok.add_argument("--warmup", type=int, default=3)
+    tok.add_argument("--cpu-bf16", action="store_true",
+                     help="bf16 autocast on the CPU too (train_tokenizer.cpu_bf16); CUDA always autocasts")
     gen = sub.add_parser("generator",
                          help="generator training tokens/s + MFU; sampling images/s: KV cache, recompute, floor")
     gen.add_argument("--config", choices=GENERATOR_CONFIGS, default="default")
@@ -418,6 +426,8 @@ def main() -> None:
     gen.add_argument("--batch", type=int, default=128, help="training batch per step")
     gen.add_argument("--warmup", type=int, default=3)
     gen.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    gen.add_argument("--cpu-bf16", action="store_true",
+                     help="training in bf16 autocast on the CPU too (train_generator.cpu_bf16)")
     gen.add_argument("--peak-flops", type=float, default=None,
                      help="peak FLOP/s of the device for MFU (CUDA: looked up by name when omitted)")
     gen.add_argument("--steps", type=int, default=10, help="training steps (0 = skip training)")

@@ -176,7 +176,7 @@ def _child_env() -> dict:
 # ------------------------------------------------------------------------------------------------
 
 def _precision(device) -> str:
-    return "bf16 autocast" if device.type == "cuda" else "fp32 (the project's autocast is CUDA-only)"
+    return "bf16 autocast" if device.type == "cuda" else "fp32 (the check autocasts on CUDA only)"
 
 
 def b64_config_difference(project: Path = PROJECT) -> list[str]:

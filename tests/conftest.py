@@ -143,6 +143,8 @@ TINY = {
     "train_tokenizer.dead_code_restart_every": 2,  # not a divisor of checkpoint_every: counts are checkpointed
     "train_tokenizer.log_every": 2,
     "train_tokenizer.eval_images": 10,
+    "train_tokenizer.cpu_bf16": False,  # float32 keeps the tiny runs exact (DDP and resume comparisons);
+    "train_generator.cpu_bf16": False,  # tests/test_bf16.py runs the stages in CPU bf16
     "train_tokenizer.adversarial_weight": 0.01,
     "train_tokenizer.adversarial_start_step": 1,
     "train_evalnet.epochs": 1,

@@ -1,7 +1,8 @@
 """bf16 autocast through the trainers' own code, on the CPU, so dtype and casting bugs show up before a GPU run.
 
 On CUDA the tokenizer and generator trainers run their forward passes under ``spectralar.training.autocast``,
-which is bf16 there and a null context on the CPU. Here that function is replaced, in every module that
+which is bf16 there and on the CPU only where ``train_*.cpu_bf16`` asks (the training forward, not the
+held-out evaluations). Here that function is replaced, in every module that
 imported it, by its CUDA branch with the device type taken from the tensor's device
 (``torch.autocast("cpu", dtype=torch.bfloat16)``), and the stages run with ``run.device: cpu`` and their
 ``bf16: true`` params, so every other line is the one CUDA executes. The invariants: the autocast was
@@ -9,7 +10,8 @@ entered and produced bf16 activations (else the test would silently pass in fp32
 every optimiser step sees finite float32 gradients on float32 parameters, the saved weights are float32,
 and sampling gives long ids inside the vocabulary.
 
-The tests marked ``cuda`` run the same steps on a GPU with the real autocast (``make gpu-check`` runs
+``test_cpu_bf16_param_*`` run the stages with the real function: ``cpu_bf16`` turns the CPU autocast on
+and off. The tests marked ``cuda`` run the same steps on a GPU with the real autocast (``make gpu-check`` runs
 ``pytest -m cuda``); without CUDA they skip.
 """
 
@@ -55,7 +57,9 @@ class Bf16Probe:
         self.checked_gradients = 0
         self.bad_gradients: list[str] = []
 
-    def autocast(self, device, enabled: bool):
+    def autocast(self, device, enabled: bool, cpu: bool = False):
+        """The CUDA branch whatever ``cpu`` (``train_*.cpu_bf16``) says: every call the stage makes under
+        ``bf16: true`` autocasts here as it would on a GPU (the held-out evaluations included)."""
         if not enabled:
             return contextlib.nullcontext()
         self.entries += 1
@@ -190,6 +194,64 @@ def test_generator_trains_in_bf16_with_float32_gradients(bf16_trained):
     metrics = probes["generator_metrics"]
     assert math.isfinite(metrics["val_loss"]) and 0 <= metrics["val_accuracy"] <= 1  # evaluate() autocasts too
     _assert_float32_weights(load_model_file(project.root / "generator" / "generator.pt", "generator")["weights"])
+
+
+def test_autocast_on_the_cpu_only_with_cpu_bf16():
+    """``bf16`` alone autocasts on CUDA only; ``cpu_bf16`` extends it to the CPU; neither without ``bf16``."""
+    cpu = torch.device("cpu")
+    for enabled, on_cpu, expected in ((True, True, True), (True, False, False), (False, True, False), (False, False, False)):
+        with distributed.autocast(cpu, enabled, on_cpu):
+            assert torch.is_autocast_enabled("cpu") is expected, (enabled, on_cpu)
+            if expected:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+                assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+
+
+class _LinearDtypes:
+    """Counts the dtypes of every linear layer's output while active (a global forward hook)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[torch.dtype, int] = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        def hook(module, inputs, output) -> None:
+            if isinstance(module, nn.Linear) and torch.is_tensor(output):
+                self.counts[output.dtype] = self.counts.get(output.dtype, 0) + 1
+
+        handle = nn.modules.module.register_module_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, cpu_bf16):
+    """The real ``autocast`` through both trainers: ``cpu_bf16: true`` trains in bf16 on the CPU (the
+    default's 1.5x speed-up), ``false`` in float32; the held-out generator evaluation stays float32."""
+    from spectralar.cli import build_parser, run_stage
+
+    project, _ = bf16_trained
+    root, tag = project.root, f"cpu_bf16_{cpu_bf16}"
+    params = write_params(root / f"params_{tag}.yaml", {
+        "data.fashion_mnist_dir": str(root.parent / "fashion"), **TINY, "run.device": "cpu",
+        "train_tokenizer.bf16": True, "train_generator.bf16": True,
+        "train_tokenizer.cpu_bf16": cpu_bf16, "train_generator.cpu_bf16": cpu_bf16})
+    stages = {
+        "train_tokenizer": ["--data", root / "prepared", "--proxy", root / "proxy/proxy.pt", "--codes", root / "codes",
+                            "--out", root / f"tokenizer_{tag}", "--checkpoints", root / f"ck_tok_{tag}"],
+        "train_generator": ["--tokens", root / "tokens", "--out", root / f"generator_{tag}",
+                            "--checkpoints", root / f"ck_gen_{tag}"],
+    }
+    for stage, paths in stages.items():
+        argv = [stage, "--params", params, "--metrics", root / f"{stage}_{tag}.json", *paths]
+        with _LinearDtypes().active() as dtypes:
+            metrics = run_stage(stage, build_parser().parse_args(list(map(str, argv))))
+        bf16_outputs = dtypes.counts.get(torch.bfloat16, 0)
+        assert (bf16_outputs > 0) is cpu_bf16, (stage, dtypes.counts)
+        assert dtypes.counts.get(torch.float32, 0) > 0  # evaluation (PSNR, held-out loss) in float32 either way
+        assert all(math.isfinite(v) for v in metrics.get("psnr_prefix", [metrics.get("val_loss", 0.0)]))
 
 
 def test_sample_stage_on_the_bf16_trained_models(bf16_trained):

@@ -65,7 +65,7 @@ def test_benchmarks_report_rates_and_no_cpu_mfu(quick_check):
     parts = _parts(quick_check[0])
     tokenizer = parts["tokenizer_training"]["result"]
     assert tokenizer["train_images_per_second"] > 0 and tokenizer["mfu"] is None  # no peak FLOP/s for a CPU
-    assert "fp32" in tokenizer["precision"]  # the project's autocast is CUDA-only
+    assert "fp32" in tokenizer["precision"]  # the check autocasts on CUDA only
     assert tokenizer["b64_matches_paper_config"], tokenizer["b64_differences"]  # the bench's B-64 is the paper's
     training = parts["generator_training"]["result"]
     assert training["tokens_per_second"] > 0 and training["mfu"] is None

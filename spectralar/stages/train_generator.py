@@ -4,7 +4,7 @@ Next-token prediction over the N spectral token ids of each image (eq. 8), the c
 the start token, labels dropped to the null class with probability ``generator.class_dropout`` for
 classifier-free guidance. Recipe (VAR's paper and code): AdamW betas (0.9, 0.95), weight decay 0.05, peak
 lr = base_lr * batch / 256, linear warmup then linear decay to ``final_lr`` (VAR's "lin0"), gradient
-clipping 2.0, EMA of the weights, bf16 autocast on CUDA.
+clipping 2.0, EMA of the weights, bf16 autocast on CUDA (and on the CPU with ``cpu_bf16``).
 
 Multi-GPU / multi-node: launch with torchrun; every rank takes its contiguous slice of the same
 global batch (``spectralar.data.loader.global_batch_indices``) and the label dropout is drawn on
@@ -75,6 +75,7 @@ class TrainGeneratorConfig:
     grad_clip: float = 2.0
     ema_decay: float = 0.999
     bf16: bool = True  # autocast on CUDA
+    cpu_bf16: bool = False  # with bf16: training autocasts on the CPU too (native bf16 matmuls: AVX512-BF16, AMX)
     compile: bool = False  # torch.compile the training forward (after any DDP wrapper)
     checkpoint_every: int = 100
     log_every: int = 25
@@ -255,7 +256,7 @@ class Trainer:
         cfg = self.cfg
         ids_bN, labels_b = self.batch(step)
         torch.manual_seed(step_seed(self.seed, step, self.dist.rank))  # drop path draws
-        with autocast(self.device, cfg.bf16):
+        with autocast(self.device, cfg.bf16, cfg.cpu_bf16):
             logits_bNV = self.net(ids_bN, labels_b)
         logits_bNV = logits_bNV.float()
         loss = F.cross_entropy(logits_bNV.flatten(0, 1), ids_bN.flatten())

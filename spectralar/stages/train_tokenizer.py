@@ -92,6 +92,7 @@ class TrainTokenizerConfig:
     lecam_weight: float = 0.001
     discriminator_lr: float = 1e-4
     bf16: bool = True  # autocast on CUDA
+    cpu_bf16: bool = False  # with bf16: autocast on the CPU too (pays where matmuls are native bf16: AVX512-BF16, AMX)
     compile: bool = False  # torch.compile the training forward (after any DDP wrapper)
     checkpoint_every: int = 250
     log_every: int = 50
@@ -189,13 +190,14 @@ class Stage2Reconstruction(nn.Module):
     """Stage 2's trainable forward, the module DDP wraps: the frozen encoder's codes, decoded from each
     sample's prefix, then (proxy-code head) through the proxy decoder: images (B, C, H, W)."""
 
-    def __init__(self, tokenizer: NestedSpectralTokenizer, proxy, pixel_head: bool, bf16: bool) -> None:
+    def __init__(self, tokenizer: NestedSpectralTokenizer, proxy, pixel_head: bool, bf16: bool,
+                 cpu_bf16: bool = False) -> None:
         super().__init__()
         self.tokenizer, self.proxy = tokenizer, proxy
-        self.pixel_head, self.bf16 = pixel_head, bf16
+        self.pixel_head, self.bf16, self.cpu_bf16 = pixel_head, bf16, cpu_bf16
 
     def forward(self, x: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
-        with autocast(x.device, self.bf16):
+        with autocast(x.device, self.bf16, self.cpu_bf16):
             with torch.no_grad():
                 z_q, _, _ = self.tokenizer.encode(x)  # (B, N, D), encoder and quantizer frozen
             output = self.tokenizer.decode(z_q, prefix_lengths)
@@ -318,8 +320,8 @@ class Trainer:
                                     weight_decay=cfg.weight_decay)
             objects = {"model": self.model, "optimizer": optimizer}
             # built after requires_grad is set: DDP averages the gradients of the trainable decoders only
-            self.net = compiled(data_parallel(Stage2Reconstruction(self.tokenizer, self.proxy, self.pixel_head, cfg.bf16),
-                                              self.dist), cfg.compile)
+            stage2 = Stage2Reconstruction(self.tokenizer, self.proxy, self.pixel_head, cfg.bf16, cfg.cpu_bf16)
+            self.net = compiled(data_parallel(stage2, self.dist), cfg.compile)
             if cfg.adversarial_weight > 0:
                 self.discriminator = PatchDiscriminator(self.tok_cfg.in_channels).to(self.device)
                 self.discriminator_net = data_parallel(self.discriminator, self.dist)
@@ -379,7 +381,7 @@ class Trainer:
         """Re-seed codes unused since the last restart with latents Ŝ of this step's global batch, in the
         live quantizer and in the EMA copy that becomes the saved tokenizer. The latents are gathered
         from every process in rank order, so every process (and one process alone) picks the same rows."""
-        with autocast(self.device, self.cfg.bf16):
+        with autocast(self.device, self.cfg.bf16, self.cfg.cpu_bf16):
             latents_bND = torch.cat([self.tokenizer.encode_latents(x[part]) for part in self.micro_batches()])
         latents_BND = all_gather_rows(latents_bND)  # (B, N, D), the global batch
         quantizer = self.tokenizer.quantizer
@@ -439,7 +441,7 @@ class Trainer:
             target = pixel_targets(x, levels, self.omegas)  # (b, C, H, W) I'_i
         else:
             codes = self.targets(x, index, levels)  # (b, h, w) proxy codes of I'_i
-        with autocast(self.device, self.cfg.bf16):
+        with autocast(self.device, self.cfg.bf16, self.cfg.cpu_bf16):
             output, ids, vq_loss = self.net(x, levels.to(x.device) + 1)  # prefix i = level + 1
         if self.pixel_head:
             reconstruction = self._band_limited(output.float(), levels)
