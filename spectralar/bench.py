@@ -144,6 +144,11 @@ def _model_configs(params_file: str | Path):
     return tokenizer, generator_config_for(params.generator, tokens)
 
 
+def _precision(device: torch.device, bf16: bool, cpu_bf16: bool) -> str:
+    """What ``spectralar.training.autocast(device, bf16, cpu_bf16)`` trains in."""
+    return "bf16 autocast" if bf16 and (device.type == "cuda" or cpu_bf16) else "float32"
+
+
 def bench_tokenizer(args: argparse.Namespace) -> dict:
     from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
     from spectralar.training import autocast, build_adamw, mfu, peak_flops, resolve_device
@@ -188,7 +193,7 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
         "config": args.config, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch": args.batch,
-        "precision": "bf16 autocast" if device.type == "cuda" or cpu_bf16 else "float32",
+        "precision": _precision(device, True, cpu_bf16),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_images_per_second": round(rate, 1),
         "model_tflops_per_image": round(flops / 1e12, 4),
@@ -353,8 +358,7 @@ def bench_generator(args: argparse.Namespace) -> dict:
         result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
                                                  "tokens_per_second", "flops_per_image", "mfu")}
         result["train"]["threads"] = max(threads)
-        autocasts = not args.fp32 and (device.type == "cuda" or cpu_bf16)
-        result["train"]["precision"] = "bf16 autocast" if autocasts else "float32"
+        result["train"]["precision"] = _precision(device, not args.fp32, cpu_bf16)
     result["sample"] = []
     for size in args.sample_sizes:
         overrides, default_batch = SAMPLING_SIZES[size]

@@ -17,7 +17,7 @@ from spectralar.models.attention import attention_backends
 from spectralar.models.generator import GeneratorConfig, SpectralGPT
 from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
 from spectralar.stages.train_generator import TeacherForced
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.test_sampling_speed import attention_kernels
 
 CPU = torch.device("cpu")
 FLASH = "_scaled_dot_product_flash_attention_for_cpu.default"
@@ -26,25 +26,6 @@ CONFIG = TokenizerConfig(image_size=16, in_channels=1, patch_size=4, width=32, e
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-class _Ops(TorchDispatchMode):
-    """Names of the aten ops that run (the math backend decomposes into bmm and softmax before dispatch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def attention_kernels(run) -> set[str]:
-    """The attention kernels ``run`` calls: the fused SDPA ops by name, the math backend as its batched matmul."""
-    with _Ops() as ops, torch.no_grad():
-        run()
-    return {name for name in ops.names if "attention" in name or name.startswith("bmm")}
 
 
 def scrambled_tokenizer(causal: bool = True) -> NestedSpectralTokenizer:

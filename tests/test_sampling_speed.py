@@ -115,14 +115,15 @@ def test_sampling_matmul_flops_do_not_exceed_the_floor(tokens_per_step: int) -> 
 
 
 class _AttentionOps(TorchDispatchMode):
-    """Records the names of the attention kernels that run."""
+    """Records the names of the attention kernels that run: the fused SDPA ops by name, the math backend
+    (decomposed into bmm and softmax before dispatch) and written-out products as their batched matmul."""
 
     def __init__(self) -> None:
         super().__init__()
         self.names: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "attention" in func.__name__:
+        if "attention" in func.__name__ or func.__name__.startswith("bmm"):
             self.names.append(func.__name__)
         return func(*args, **(kwargs or {}))
 

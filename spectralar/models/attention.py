@@ -9,8 +9,9 @@ Preferences (measured on a 2-core AMD EPYC with AVX512-BF16, torch 2.x, README "
 * CPU under bf16 autocast: math. The fused kernel's bf16 backward took 45% of a default tokenizer
   training step (16 ms a call at 80 tokens, head dim 32), more than all its matmuls; with math the
   step is 1.5x faster than float32, the generator's 1.6x.
-* A generator sampling step on CPU calls no SDPA kernel (its SelfAttention writes the product out);
-  should one reach here it gets math.
+* A generator sampling step on CPU calls no SDPA kernel: its SelfAttention writes the product out (the
+  fused kernel's query blocking has nothing to block over, and the math kernel rescales every cached
+  key). Should one reach here it gets math.
 """
 
 from __future__ import annotations
