@@ -144,14 +144,9 @@ def _model_configs(params_file: str | Path):
     return tokenizer, generator_config_for(params.generator, tokens)
 
 
-def _precision(device: torch.device, bf16: bool, cpu_bf16: bool) -> str:
-    """What ``spectralar.training.autocast(device, bf16, cpu_bf16)`` trains in."""
-    return "bf16 autocast" if bf16 and (device.type == "cuda" or cpu_bf16) else "float32"
-
-
 def bench_tokenizer(args: argparse.Namespace) -> dict:
     from spectralar.models.tokenizer import NestedSpectralTokenizer, TokenizerConfig
-    from spectralar.training import autocast, build_adamw, mfu, peak_flops, resolve_device
+    from spectralar.training import autocast, build_adamw, mfu, peak_flops, resolve_device, training_precision
 
     cfg = TokenizerConfig.titok_b64() if args.config == "b64" else _model_configs(args.params)[0]
     device = resolve_device(args.device)
@@ -193,7 +188,7 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
         "config": args.config, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch": args.batch,
-        "precision": _precision(device, True, cpu_bf16),
+        "precision": training_precision(device, True, cpu_bf16),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_images_per_second": round(rate, 1),
         "model_tflops_per_image": round(flops / 1e12, 4),
@@ -340,7 +335,7 @@ def bench_generator(args: argparse.Namespace) -> dict:
     """Training throughput of one generator config, then sampling at every size and thread count;
     all from randomly initialised weights (speed does not depend on the weights)."""
     from spectralar.stages.report import markdown_table
-    from spectralar.training import resolve_device
+    from spectralar.training import resolve_device, training_precision
 
     cfg = _generator_config(args)
     device = resolve_device(args.device)
@@ -358,7 +353,7 @@ def bench_generator(args: argparse.Namespace) -> dict:
         result["train"] = {k: train[k] for k in ("batch", "steps", "parameters", "images_per_second",
                                                  "tokens_per_second", "flops_per_image", "mfu")}
         result["train"]["threads"] = max(threads)
-        result["train"]["precision"] = _precision(device, not args.fp32, cpu_bf16)
+        result["train"]["precision"] = training_precision(device, not args.fp32, cpu_bf16)
     result["sample"] = []
     for size in args.sample_sizes:
         overrides, default_batch = SAMPLING_SIZES[size]
@@ -419,7 +414,7 @@ def main() -> None:
     tok.add_argument("--steps", type=int, default=10)
     tok.add_argument("--warmup", type=int, default=3)
     tok.add_argument("--cpu-bf16", action="store_true",
-                     help="bf16 autocast on the CPU too (train_tokenizer.cpu_bf16); CUDA always autocasts")
+                     help="bf16 autocast on the CPU too (train_tokenizer.cpu_bf16: true); CUDA always autocasts")
     gen = sub.add_parser("generator",
                          help="generator training tokens/s + MFU; sampling images/s: KV cache, recompute, floor")
     gen.add_argument("--config", choices=GENERATOR_CONFIGS, default="default")

@@ -23,10 +23,13 @@ all. The DAG, the stages' params sections and their command lines are read from 
 description both orchestrators are held to (tests/test_orchestration.py), so this module never
 restates the pipeline.
 
-DVC: ``python -m spectralar.sweep queue ablation`` queues one ``dvc exp run --queue -n <name> -S ...``
-per run (``<sweep>-<row>``, or ``<sweep>-<row>-seed<k>`` with ``-S run.seed=k``); after ``dvc queue
-start``, ``python -m spectralar.sweep collect ablation`` reads the experiments' metrics (``dvc exp show
---json``) into the same ``runs/<sweep>/table.csv``.
+DVC: ``python -m spectralar.sweep run ablation`` runs one ``dvc exp run --temp -n <name> -S ...`` per run
+(``<sweep>-<row>``, or ``<sweep>-<row>-seed<k>`` with ``-S run.seed=k``), one after another in the
+foreground, each in its own temporary copy of the workspace; ``queue`` puts the same runs in DVC's queue
+(``dvc exp run --queue``) for ``dvc queue start`` / ``dvc exp run --run-all``, whose celery worker can
+stop taking tasks after one or two (a JSONDecodeError in its filesystem broker, treeverse/dvc#10398 and
+#10428, open). ``python -m spectralar.sweep collect ablation`` then reads the experiments' metrics (``dvc
+exp show --json``) into the same ``runs/<sweep>/table.csv``.
 
 ``table`` writes ``runs/<sweep>/table.csv``: one line per run with the row, the overridden keys, the
 seed and the run's metrics (:func:`run_values`: evaluate's headline metrics and truncated FIDs, the
@@ -451,15 +454,18 @@ def experiment_name(sweep: str, row: str, seed: Optional[int] = None) -> str:
     return f"{sweep}-{row}" + ("" if seed is None else f"-seed{seed}")
 
 
-def queue_commands(params_file: str | Path, sweep: str) -> list[list[str]]:
-    """``dvc exp run --queue -n <name> -S key=value ...`` for every run (with ``-S run.seed=k`` when
-    the sweep has seeds; DVC's run cache then shares seed k's row-independent stages between rows)."""
+def experiment_commands(params_file: str | Path, sweep: str, how: str = "--queue") -> list[list[str]]:
+    """``dvc exp run <how> -n <name> -S key=value ...`` for every run (with ``-S run.seed=k`` when the
+    sweep has seeds; DVC's run cache then shares seed k's row-independent stages between rows). ``how``:
+    ``--queue`` (into DVC's queue) or ``--temp`` (run now, in a temporary copy of the workspace)."""
+    if how not in ("--queue", "--temp"):
+        raise ValueError(f"how: --queue or --temp, got {how!r}")
     base = read_yaml(params_file)
     rows = sweep_rows(base, sweep)
     schedule = sweep_schedule(base, sweep)
     commands = []
     for row, seed in sweep_runs(base, sweep):
-        command = ["dvc", "exp", "run", "--queue", "-n", experiment_name(sweep, row, seed)]
+        command = ["dvc", "exp", "run", how, "-n", experiment_name(sweep, row, seed)]
         for key, value in {**schedule, **rows[row]}.items():
             command += ["-S", f"{key}={json.dumps(value)}"]
         if seed is not None:
@@ -528,9 +534,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t = sub.add_parser("table", help="runs/<sweep>/table.csv from the rows' metrics files (Snakemake)")
     t.add_argument("sweep")
     t.add_argument("--out")
-    q = sub.add_parser("queue", help="queue one `dvc exp run` per run (row, or row x seed)")
-    q.add_argument("sweep")
-    q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    r = sub.add_parser("run", help="run one `dvc exp run --temp` per run (row, or row x seed), one after another")
+    q = sub.add_parser("queue", help="queue one `dvc exp run --queue` per run, for `dvc queue start`")
+    for runs in (r, q):
+        runs.add_argument("sweep")
+        runs.add_argument("--dry-run", action="store_true", help="print the commands only")
     c = sub.add_parser("collect", help="runs/<sweep>/table.csv from the DVC experiments <sweep>-<row>[-seed<k>]")
     c.add_argument("sweep")
     c.add_argument("--out")
@@ -538,8 +546,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.what == "params":
             print(write_row_params(args.params, args.sweep, args.row, args.out, seed=args.seed))
-        elif args.what == "queue":
-            for command in queue_commands(args.params, args.sweep):
+        elif args.what in ("run", "queue"):
+            for command in experiment_commands(args.params, args.sweep, "--temp" if args.what == "run" else "--queue"):
                 print(shlex.join(command))
                 if not args.dry_run:
                     subprocess.run(command, check=True)

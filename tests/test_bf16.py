@@ -226,14 +226,51 @@ class _LinearDtypes:
             handle.remove()
 
 
-@pytest.mark.parametrize("cpu_bf16", [True, False])
-def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, cpu_bf16):
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_auto_follows_the_cpu(monkeypatch, native):
+    """``cpu_bf16: auto`` autocasts on the CPU exactly where it has native bf16; true and false ignore the
+    CPU; CUDA autocasts whatever it says; the precision label says what :func:`autocast` does."""
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for setting, expected in ((True, True), (False, False), ("auto", native)):
+        with distributed.autocast(cpu, True, setting):
+            assert torch.is_autocast_enabled("cpu") is expected, setting
+        assert distributed.training_precision(cpu, True, setting) == ("bf16 autocast" if expected else "float32")
+        assert distributed.training_precision(cpu, False, setting) == "float32"
+        assert distributed.training_precision(cuda, True, setting) == "bf16 autocast"
+
+
+@pytest.mark.parametrize("text, native", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", False),  # AVX2 only: bf16 emulated
+    ("flags\t\t: fpu avx2 avx512f avx512bw avx512vl\n", False),  # AVX-512 without its bf16 extension
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n", True),
+    ("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # arm64 (Neoverse V1/N2, Graviton3)
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n", False),
+    ("model name\t: bf16 in a name is not a flag\nflags\t\t: fpu avx2\n", False),
+])
+def test_native_cpu_bf16_reads_the_cpu_flags(tmp_path, text, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert distributed.native_cpu_bf16(cpuinfo) is native
+
+
+def test_native_cpu_bf16_without_cpuinfo_is_false(tmp_path):
+    """No /proc/cpuinfo (macOS, Windows): emulated bf16 is assumed, ``auto`` trains in float32."""
+    assert distributed.native_cpu_bf16(tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize("cpu_bf16, native", [(True, False), (False, True), ("auto", True), ("auto", False)])
+def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, monkeypatch, cpu_bf16, native):
     """The real ``autocast`` through both trainers: ``cpu_bf16: true`` trains in bf16 on the CPU (the
-    default's 1.5x speed-up), ``false`` in float32; the held-out generator evaluation stays float32."""
+    default's 1.5x speed-up where bf16 is native), ``false`` in float32, ``auto`` as the CPU's flags say
+    (here replaced); the held-out generator evaluation stays float32."""
     from spectralar.cli import build_parser, run_stage
 
+    monkeypatch.setattr(distributed, "native_cpu_bf16", lambda: native)
+    expected = native if cpu_bf16 == "auto" else cpu_bf16
     project, _ = bf16_trained
-    root, tag = project.root, f"cpu_bf16_{cpu_bf16}"
+    root, tag = project.root, f"cpu_bf16_{cpu_bf16}_{native}"
     params = write_params(root / f"params_{tag}.yaml", {
         "data.fashion_mnist_dir": str(root.parent / "fashion"), **TINY, "run.device": "cpu",
         "train_tokenizer.bf16": True, "train_generator.bf16": True,
@@ -249,7 +286,7 @@ def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, cpu_bf16):
         with _LinearDtypes().active() as dtypes:
             metrics = run_stage(stage, build_parser().parse_args(list(map(str, argv))))
         bf16_outputs = dtypes.counts.get(torch.bfloat16, 0)
-        assert (bf16_outputs > 0) is cpu_bf16, (stage, dtypes.counts)
+        assert (bf16_outputs > 0) is expected, (stage, dtypes.counts)
         assert dtypes.counts.get(torch.float32, 0) > 0  # evaluation (PSNR, held-out loss) in float32 either way
         assert all(math.isfinite(v) for v in metrics.get("psnr_prefix", [metrics.get("val_loss", 0.0)]))
 

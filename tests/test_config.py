@@ -63,6 +63,11 @@ def test_params_file_errors_name_the_key(tmp_path):
         load_params(write_params(tmp_path / "p.yaml", {"data.colour": 3}))
     with pytest.raises(ConfigError, match=r"^data\.jpeg_quality: must be in \[1, 100\], got 0$"):
         load_params(write_params(tmp_path / "p.yaml", {"data.jpeg_quality": 0}))
+    with pytest.raises(ConfigError, match=r"train_tokenizer\.cpu_bf16: expected .*got 'sometimes'"):
+        load_params(write_params(tmp_path / "p.yaml", {"train_tokenizer.cpu_bf16": "sometimes"}))
+    for value in (True, False, "auto"):  # bool or auto (native bf16 CPUs only)
+        params = load_params(write_params(tmp_path / "p.yaml", {"train_generator.cpu_bf16": value}))
+        assert params.train_generator.cpu_bf16 == value
     path = tmp_path / "bad.yaml"
     path.write_text("run: {seed: 0, device: auto}\nbogus: {}\n")
     with pytest.raises(ConfigError, match="bogus: unknown section"):

@@ -20,7 +20,7 @@ from spectralar.sweep import (
     metrics_from_experiments,
     parse_run,
     producer,
-    queue_commands,
+    experiment_commands,
     read_table,
     row_specific_stages,
     sweep_definition,
@@ -91,7 +91,7 @@ def test_a_schedule_applies_to_every_run_before_its_row(tmp_path, dag):
     assert a.params["train_generator"]["steps"] == 70 and a.params["generator"]["depth"] == 3  # the row wins
     assert b.params["generator"]["depth"] == 2
     assert a.specific == b.specific == {"train_generator", "sample", "evaluate"}  # nothing reuses the main generator
-    commands = queue_commands(write_params(tmp_path / "params.yaml", {"sweeps": base["sweeps"]}), "s")
+    commands = experiment_commands(write_params(tmp_path / "params.yaml", {"sweeps": base["sweeps"]}), "s")
     assert commands[0][-4:] == ["-S", "train_generator.steps=70", "-S", "generator.depth=3"]
     assert commands[1][-4:] == ["-S", "train_generator.steps=70", "-S", "generator.depth=2"]
     header = write_row_params(tmp_path / "params.yaml", "s", "b", tmp_path / "b.yaml").read_text().splitlines()[0]
@@ -177,10 +177,15 @@ def test_tables_and_dvc_experiment_records(tmp_path):
     found = metrics_from_experiments(show, "ablation", rows)
     assert found == {"baseline": None, "spectral": None, "causal": {"fid": 7.0}, "nonuniform": None}
     params = write_params(tmp_path / "params.yaml", {"sweeps": {"ablation": rows}})  # a sweep without seeds
-    commands = queue_commands(params, "ablation")
+    commands = experiment_commands(params, "ablation")
     assert commands[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "ablation-baseline"]
     assert "tokenizer.causal_mask=false" in commands[0] and not any("run.seed" in word for word in commands[0])
     assert json.loads(commands[1][commands[1].index("-S") + 1].split("=")[1]) is True
+    # `sweep run`: the same runs, each run now in a temporary copy of the workspace (no queue, no worker)
+    temp = experiment_commands(params, "ablation", "--temp")
+    assert [c[:3] + c[4:] for c in temp] == [c[:3] + c[4:] for c in commands] and {c[3] for c in temp} == {"--temp"}
+    with pytest.raises(ValueError, match="--queue or --temp"):
+        experiment_commands(params, "ablation", "--run-all")
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def test_dvc_queue_and_collect_with_seeds(tmp_path):
     each experiment's evaluate, train_generator and correlation metrics into one line."""
     rows = {"a": {"generator.depth": 2}, "b": {"generator.depth": 3}}
     params = write_params(tmp_path / "params.yaml", {"sweeps": {"g": {"seeds": [4, 7], **rows}}})
-    commands = queue_commands(params, "g")
+    commands = experiment_commands(params, "g")
     assert [c[5] for c in commands] == ["g-a-seed4", "g-a-seed7", "g-b-seed4", "g-b-seed7"]
     assert commands[1][-2:] == ["-S", "run.seed=7"] and "generator.depth=3" in commands[3]
 

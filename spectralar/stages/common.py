@@ -17,6 +17,7 @@ from spectralar.training import (
     restore_rng_state,
     save_checkpoint,
     sorted_checkpoints,
+    training_precision,
 )
 
 log = logging.getLogger("spectralar.stages")
@@ -28,6 +29,15 @@ def stage_device(preference: str) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def announce_precision(ctx, device: torch.device, bf16: bool, cpu_bf16) -> str:
+    """Log, and tag the stage's MLflow run with, what a trainer's forward passes run in on this machine
+    (``cpu_bf16: auto`` differs between CPUs, and with it the results)."""
+    precision = training_precision(device, bf16, cpu_bf16)
+    ctx.log.info("training in %s on %s (bf16: %s, cpu_bf16: %s)", precision, device, bf16, cpu_bf16)
+    ctx.tracker.set_tags({"spectralar.precision": precision})
+    return precision
 
 
 # Raise when the objects a stage checkpoints change layout (2: training histories and renamed

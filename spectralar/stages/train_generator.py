@@ -40,12 +40,13 @@ from spectralar.data.loader import global_batch_indices
 from spectralar.io import atomic_path
 from spectralar.model_card import MODEL_CARD, write_model_card
 from spectralar.models.generator import GeneratorConfig, SpectralGPT
-from spectralar.stages.common import Checkpointer, stage_device
+from spectralar.stages.common import Checkpointer, announce_precision, stage_device
 from spectralar.training import (
     EMA,
     HistoryRows,
     Throughput,
     all_reduce_mean,
+    CpuBf16,
     autocast,
     build_adamw,
     check_finite,
@@ -75,7 +76,7 @@ class TrainGeneratorConfig:
     grad_clip: float = 2.0
     ema_decay: float = 0.999
     bf16: bool = True  # autocast on CUDA
-    cpu_bf16: bool = False  # with bf16: training autocasts on the CPU too (native bf16 matmuls: AVX512-BF16, AMX)
+    cpu_bf16: CpuBf16 = False  # with bf16: training autocasts on the CPU too; auto: where bf16 is native (AVX512-BF16, AMX)
     compile: bool = False  # torch.compile the training forward (after any DDP wrapper)
     checkpoint_every: int = 100
     log_every: int = 25
@@ -341,6 +342,7 @@ def _write_outputs(ctx, trainer: Trainer, manifest: dict, metrics: dict) -> None
 def run(ctx) -> dict:
     stage_device(ctx.params.run.device)  # TF32 matmuls on CUDA
     dist = init_distributed(device_preference=ctx.params.run.device)
+    announce_precision(ctx, dist.device, ctx.params.train_generator.bf16, ctx.params.train_generator.cpu_bf16)
     manifest, ids, labels = load_tokens(ctx.args.tokens, "train")
     # N, vocabulary and classes: the token dump's (the tokenizer's and the dataset's)
     model_cfg = generator_config_for(ctx.params.generator, manifest, f"{Path(ctx.args.tokens) / 'manifest.json'}")

@@ -49,8 +49,8 @@ from spectralar.spectral import band_limit
 from spectralar.artifacts import CONFIG, HISTORY, TOKENIZER_FILE, load_proxy, load_proxy_codes, proxy_code_levels, save_tokenizer, \
     tokenizer_config_for, write_history
 from spectralar.config import ConfigError, require
-from spectralar.stages.common import Checkpointer, stage_device
-from spectralar.training import (EMA, DeadCodeRestarts, DistributedContext, HistoryRows, Throughput, all_gather_rows,
+from spectralar.stages.common import Checkpointer, announce_precision, stage_device
+from spectralar.training import (EMA, CpuBf16, DeadCodeRestarts, DistributedContext, HistoryRows, Throughput, all_gather_rows,
                                  all_reduce_mean, autocast, build_adamw, check_finite, cleanup, compiled, data_parallel,
                                  gradient_sync, init_distributed, lr_at, progress, set_lr, step_generator)
 
@@ -92,7 +92,7 @@ class TrainTokenizerConfig:
     lecam_weight: float = 0.001
     discriminator_lr: float = 1e-4
     bf16: bool = True  # autocast on CUDA
-    cpu_bf16: bool = False  # with bf16: autocast on the CPU too (pays where matmuls are native bf16: AVX512-BF16, AMX)
+    cpu_bf16: CpuBf16 = False  # with bf16: autocast on the CPU too; auto: where matmuls are native bf16 (AVX512-BF16, AMX)
     compile: bool = False  # torch.compile the training forward (after any DDP wrapper)
     checkpoint_every: int = 250
     log_every: int = 50
@@ -191,7 +191,7 @@ class Stage2Reconstruction(nn.Module):
     sample's prefix, then (proxy-code head) through the proxy decoder: images (B, C, H, W)."""
 
     def __init__(self, tokenizer: NestedSpectralTokenizer, proxy, pixel_head: bool, bf16: bool,
-                 cpu_bf16: bool = False) -> None:
+                 cpu_bf16: CpuBf16 = False) -> None:
         super().__init__()
         self.tokenizer, self.proxy = tokenizer, proxy
         self.pixel_head, self.bf16, self.cpu_bf16 = pixel_head, bf16, cpu_bf16
@@ -579,6 +579,7 @@ def run(ctx) -> dict:
     dist = init_distributed(device_preference=ctx.params.run.device)
     device = dist.device
     try:
+        announce_precision(ctx, device, cfg.bf16, cfg.cpu_bf16)
         train, val = ImageShards(ctx.args.data, "train"), ImageShards(ctx.args.data, "val")
         proxy = load_proxy(ctx.args.proxy, device)
         # image size and channels: the prepared data's; the proxy codebook: the proxy file's

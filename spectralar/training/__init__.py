@@ -20,6 +20,7 @@ from spectralar.training.checkpoint import (
 )
 from spectralar.training.codebook import DeadCodeRestarts
 from spectralar.training.distributed import (
+    CpuBf16,
     DistributedContext,
     all_gather_rows,
     all_reduce_mean,
@@ -27,11 +28,14 @@ from spectralar.training.distributed import (
     barrier,
     cleanup,
     compiled,
+    cpu_bf16_enabled,
     data_parallel,
     gradient_sync,
     init_distributed,
+    native_cpu_bf16,
     resolve_device,
     synchronize,
+    training_precision,
     unwrap_model,
 )
 from spectralar.training.ema import EMA
@@ -48,6 +52,7 @@ from spectralar.training.meter import (
 from spectralar.training.optim import build_adamw, lr_at, parameter_groups, set_lr
 
 __all__ = [
+    "CpuBf16",
     "EMA",
     "HistoryRows",
     "DeadCodeRestarts",
@@ -63,6 +68,7 @@ __all__ = [
     "check_finite",
     "cleanup",
     "compiled",
+    "cpu_bf16_enabled",
     "data_parallel",
     "gradient_sync",
     "init_distributed",
@@ -71,6 +77,7 @@ __all__ = [
     "lr_at",
     "mfu",
     "model_flops_per_sample",
+    "native_cpu_bf16",
     "parameter_groups",
     "peak_flops",
     "peak_flops_for_name",
@@ -84,6 +91,7 @@ __all__ = [
     "sorted_checkpoints",
     "step_generator",
     "synchronize",
+    "training_precision",
     "transformer_flops_per_token",
     "unwrap_model",
 ]
