@@ -261,7 +261,7 @@ def test_native_cpu_bf16_without_cpuinfo_is_false(tmp_path):
 
 
 @pytest.mark.parametrize("cpu_bf16, native", [(True, False), (False, True), ("auto", True), ("auto", False)])
-def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, monkeypatch, cpu_bf16, native):
+def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, monkeypatch, caplog, cpu_bf16, native):
     """The real ``autocast`` through both trainers: ``cpu_bf16: true`` trains in bf16 on the CPU (the
     default's 1.5x speed-up where bf16 is native), ``false`` in float32, ``auto`` as the CPU's flags say
     (here replaced); the held-out generator evaluation stays float32."""
@@ -283,8 +283,10 @@ def test_cpu_bf16_param_switches_the_stages_autocast(bf16_trained, monkeypatch, 
     }
     for stage, paths in stages.items():
         argv = [stage, "--params", params, "--metrics", root / f"{stage}_{tag}.json", *paths]
-        with _LinearDtypes().active() as dtypes:
+        caplog.clear()
+        with _LinearDtypes().active() as dtypes, caplog.at_level("INFO", logger="spectralar"):
             metrics = run_stage(stage, build_parser().parse_args(list(map(str, argv))))
+        assert f"training in {'bf16 autocast' if expected else 'float32'} on cpu" in caplog.text, stage
         bf16_outputs = dtypes.counts.get(torch.bfloat16, 0)
         assert (bf16_outputs > 0) is expected, (stage, dtypes.counts)
         assert dtypes.counts.get(torch.float32, 0) > 0  # evaluation (PSNR, held-out loss) in float32 either way
