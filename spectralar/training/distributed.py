@@ -215,18 +215,18 @@ def autocast(device: DeviceLike, enabled: bool, cpu: CpuBf16 = False) -> Context
     13x where bf16 is emulated (AVX2); float32 keeps the tiny test configs exact.
     """
     device_type = torch.device(device).type
-    if enabled and device_type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device_type == "cpu" and cpu_bf16_enabled(cpu):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if _autocasts(device_type, enabled, cpu):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _autocasts(device_type: str, enabled: bool, cpu: CpuBf16) -> bool:
+    return enabled and (device_type == "cuda" or (device_type == "cpu" and cpu_bf16_enabled(cpu)))
 
 
 def training_precision(device: DeviceLike, enabled: bool, cpu: CpuBf16 = False) -> str:
     """What :func:`autocast` with these arguments trains in: ``"bf16 autocast"`` or ``"float32"``."""
-    device_type = torch.device(device).type
-    bf16 = enabled and (device_type == "cuda" or (device_type == "cpu" and cpu_bf16_enabled(cpu)))
-    return "bf16 autocast" if bf16 else "float32"
+    return "bf16 autocast" if _autocasts(torch.device(device).type, enabled, cpu) else "float32"
 
 
 def compiled(module: nn.Module, enabled: bool) -> nn.Module:
