@@ -38,10 +38,11 @@ snakemake: setup
 	snakemake --cores 2
 
 # Two pytest-xdist workers (the 2-core machines this runs on), tests handed out by file so that a
-# module's fixtures (the tiny end-to-end pipelines) are built once; TEST_WORKERS=0 runs serially.
+# module's fixtures (the tiny end-to-end pipelines) are built once, in collection order, which puts the
+# longest files first (tests/conftest.py); TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-paper: setup  # the paper configs end to end (every architecture at its paper size), ~17 min on 2 cores
 	$(PY) -m pytest -q -m paper tests/test_paper_e2e.py

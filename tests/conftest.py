@@ -21,6 +21,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["SPECTRALAR_TRACKING"] = "0"
 
 
+# `make test` hands whole files to two workers (pytest-xdist --dist loadfile --no-loadscope-reorder) in
+# collection order. These files take the longest (seconds of one worker, quiet 2-core AVX2 machine,
+# 2026-12-02: test_orchestration 863, test_extract_proxy_codes 148, test_fault_injection 129 of 1,691
+# in all), so they go first: one worker starts on the longest while the other works through the rest.
+# xdist's default order (most tests first) started test_orchestration after ten other files, which
+# put the suite's wall time at their time plus its own.
+LONGEST_FIRST = ("test_orchestration.py", "test_extract_proxy_codes.py", "test_fault_injection.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_by_default(monkeypatch):
     """Tests do not write to the repository's mlflow.db; tracking tests opt back in."""

@@ -525,11 +525,15 @@ def _project_copy(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------------------
 
 GENERATOR_AND_AFTER = {"train_generator", "sample", "evaluate", "report"}
-TINY_SWEEPS = {"ablation": {  # two rows keep the suite short: one runs, one is the main pipeline
-    "baseline": {"tokenizer.spectral_supervision": False, "tokenizer.causal_mask": False,
-                 "tokenizer.nonuniform_mapping": False},
-    "nonuniform": {"tokenizer.spectral_supervision": True, "tokenizer.causal_mask": True,
-                   "tokenizer.nonuniform_mapping": True}}}
+TINY_SWEEPS = {
+    "ablation": {  # two rows keep the suite short: one runs, one is the main pipeline
+        "baseline": {"tokenizer.spectral_supervision": False, "tokenizer.causal_mask": False,
+                     "tokenizer.nonuniform_mapping": False},
+        "nonuniform": {"tokenizer.spectral_supervision": True, "tokenizer.causal_mask": True,
+                       "tokenizer.nonuniform_mapping": True}},
+    # DVC's experiments run this one: a row that reruns only sampling onwards, and the main pipeline's
+    # own value (the ablation's rows, tokenizers retrained, run end to end through Snakemake below)
+    "temperature": {"cold": {"sample.temperature": 0.5}, "main": {"sample.temperature": 1.0}}}
 
 
 def _set_params(project: Path, overrides: dict) -> None:
@@ -616,25 +620,34 @@ def test_dvc_rerun_does_nothing_and_a_generator_change_reruns_only_what_follows(
 
 
 @pytest.mark.slow
-def test_dvc_experiments_run_the_ablation_rows(dvc_project):
-    """One `dvc exp run --temp` per row (spectralar.sweep run), the experiments' rows collected. Not
-    DVC's queue: `dvc exp run --run-all` can hang after one or two tasks (its celery worker's filesystem
-    broker reads a half-written message, treeverse/dvc#10398, #10428), as this test once did on a 2-core CI machine."""
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"]):
-        subprocess.run(cmd, cwd=dvc_project, check=True, capture_output=True)
-    ran = _run(dvc_project, "python", "-m", "spectralar.sweep", "run", "ablation", SPECTRALAR_TRACKING="1")
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    assert ran.stdout.count("dvc exp run --temp -n ablation-") == 2, ran.stdout[-3000:]
-    collected = _run(dvc_project, "python", "-m", "spectralar.sweep", "collect", "ablation")
-    assert collected.returncode == 0, collected.stdout + collected.stderr
+def test_dvc_experiments_run_a_sweeps_rows_and_record_them_in_the_projects_store(dvc_project):
+    """One `dvc exp run --temp` per row (spectralar.sweep run), the experiments' rows collected, and the
+    stages an experiment ran (in DVC's temporary copy) recorded in the project's own mlflow.db. Not DVC's
+    queue: `dvc exp run --run-all` can hang after one or two tasks (its celery worker's filesystem broker
+    reads a half-written message, treeverse/dvc#10398, #10428), as this test once did on a 2-core CI machine."""
+    from mlflow.tracking import MlflowClient
     from spectralar.sweep import read_table
 
-    table = {row["row"]: row for row in read_table(dvc_project / "runs" / "ablation" / "table.csv")}
-    assert set(table) == {"baseline", "nonuniform"}
-    assert table["baseline"]["causal_mask"] == "false" and float(table["baseline"]["fid"]) > 0
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"]):
+        subprocess.run(cmd, cwd=dvc_project, check=True, capture_output=True)
+    ran = _run(dvc_project, "python", "-m", "spectralar.sweep", "run", "temperature", SPECTRALAR_TRACKING="1")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert ran.stdout.count("dvc exp run --temp -n temperature-") == 2, ran.stdout[-3000:]
+    collected = _run(dvc_project, "python", "-m", "spectralar.sweep", "collect", "temperature")
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    table = {row["row"]: row for row in read_table(dvc_project / "runs" / "temperature" / "table.csv")}
+    assert set(table) == {"cold", "main"}
+    assert table["cold"]["temperature"] == "0.5" and float(table["cold"]["fid"]) > 0
     main = json.loads((dvc_project / "metrics" / "evaluate.json").read_text())
-    assert float(table["nonuniform"]["fid"]) == pytest.approx(main["fid"])  # same params, same result
-    assert float(table["baseline"]["fid"]) != pytest.approx(main["fid"])
+    assert float(table["main"]["fid"]) == pytest.approx(main["fid"])  # same params, same result
+    assert float(table["cold"]["fid"]) != pytest.approx(main["fid"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{dvc_project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("spectralar").experiment_id], max_results=1000)
+    copies = {r.info.run_id for r in runs if ".dvc/tmp/exps" in r.data.tags.get("spectralar.workdir", "")}
+    in_copies = {r.data.tags.get("spectralar.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") in copies}
+    assert {"sample", "evaluate"} <= in_copies, in_copies  # the cold row's stages, run in DVC's copy
+    assert not list(dvc_project.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing recorded into a copy
 
 
 @pytest.fixture(scope="module")
