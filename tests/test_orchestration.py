@@ -532,8 +532,11 @@ TINY_SWEEPS = {
         "nonuniform": {"tokenizer.spectral_supervision": True, "tokenizer.causal_mask": True,
                        "tokenizer.nonuniform_mapping": True}},
     # DVC's experiments run this one: a row that reruns only sampling onwards, and the main pipeline's
-    # own value (the ablation's rows, tokenizers retrained, run end to end through Snakemake below)
-    "temperature": {"cold": {"sample.temperature": 0.5}, "main": {"sample.temperature": 1.0}}}
+    # own value (the ablation's rows, tokenizers retrained, run end to end through Snakemake below). The
+    # boolean, which reruns nothing, checks that `-S key=true` reaches the stages as a YAML boolean, as the
+    # ablation's switches must (the strict params loader fails a run on the string "true").
+    "temperature": {"cold": {"sample.temperature": 0.5, "tracking.log_checkpoints": True},
+                    "main": {"sample.temperature": 1.0}}}
 
 
 def _set_params(project: Path, overrides: dict) -> None:
@@ -637,7 +640,8 @@ def test_dvc_experiments_run_a_sweeps_rows_and_record_them_in_the_projects_store
     assert collected.returncode == 0, collected.stdout + collected.stderr
     table = {row["row"]: row for row in read_table(dvc_project / "runs" / "temperature" / "table.csv")}
     assert set(table) == {"cold", "main"}
-    assert table["cold"]["temperature"] == "0.5" and float(table["cold"]["fid"]) > 0
+    assert table["cold"]["temperature"] == "0.5" and table["cold"]["log_checkpoints"] == "true"
+    assert float(table["cold"]["fid"]) > 0
     main = json.loads((dvc_project / "metrics" / "evaluate.json").read_text())
     assert float(table["main"]["fid"]) == pytest.approx(main["fid"])  # same params, same result
     assert float(table["cold"]["fid"]) != pytest.approx(main["fid"])
