@@ -148,6 +148,7 @@ ZERO_ALLOWED: dict[str, tuple[str, dict]] = {
     "train_tokenizer.stage2_warmup_steps": ("no warm-up", {}),
     "train_tokenizer.ema_decay": ("EMA = the live weights", {}),
     "train_tokenizer.dead_code_restart_every": ("off", {}),
+    "train_tokenizer.dead_code_restart_until": ("restarts through all of stage 1", {}),
     "train_tokenizer.l2_weight": ("no L2 term", {}),
     "train_tokenizer.perceptual_weight": ("off", {}),
     "train_tokenizer.adversarial_weight": ("off", {}),

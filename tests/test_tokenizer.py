@@ -404,6 +404,18 @@ def test_dead_code_restarts_off_and_nothing_dead() -> None:
         DeadCodeRestarts(4, every=-1, seed=0)
 
 
+def test_dead_code_restarts_stop_after_until() -> None:
+    # every 50 steps up to step 120 (1-based): windows ending at steps 50 and 100 restart, none later
+    restarts = DeadCodeRestarts(8, every=50, seed=0, until=120)
+    assert [step + 1 for step in range(400) if restarts.due(step)] == [50, 100]
+    # the last window may end exactly at until; 0 keeps restarting to the end
+    assert DeadCodeRestarts(8, every=50, seed=0, until=100).due(99)
+    forever = DeadCodeRestarts(8, every=50, seed=0, until=0)
+    assert [step + 1 for step in range(400) if forever.due(step)] == list(range(50, 401, 50))
+    with pytest.raises(ValueError, match="until"):
+        DeadCodeRestarts(4, every=1, seed=0, until=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Config and TiTok-B64 size
 # --------------------------------------------------------------------------------------------

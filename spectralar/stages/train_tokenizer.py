@@ -80,6 +80,9 @@ class TrainTokenizerConfig:
     # Stage 1 only: codes unused for this many steps are re-seeded with encoder outputs of the
     # current batch (dead-code restarts, Jukebox/SoundStream; not in TiTok's recipe); 0 = off.
     dead_code_restart_every: int = 0
+    # No restart after this stage-1 step: restarts lift early codebook collapse, and stopping them lets
+    # the codebook settle instead of churning to the end of stage 1; 0 = restarts through all of stage 1.
+    dead_code_restart_until: int = 0
     augment_hflip: bool = False  # needs extract_proxy_codes.mode: online (codes are of unflipped images)
     # Stage-1 prefix lengths: uniform i ~ U{1..N} (Algorithm 1), linear p(i) ∝ i, or mixed (half each).
     prefix_sampling: Literal["uniform", "linear", "mixed"] = "uniform"
@@ -112,6 +115,7 @@ class TrainTokenizerConfig:
         if self.perceptual_weight > 0 and self.perceptual_network == "none":
             raise ValueError("perceptual_weight > 0 needs perceptual_network (vgg16) and its weights")
         require(self, "dead_code_restart_every", at_least=0, meaning="0 = off")
+        require(self, "dead_code_restart_until", at_least=0, meaning="0 = through all of stage 1")
         require(self, "micro_batch_size", at_least=0, meaning="0 = each process's whole share of the batch")
         require(self, "loader_workers", at_least=0, meaning="0 = read batches in the training process")
         if self.prefix_sampling not in ("uniform", "linear", "mixed"):
@@ -266,7 +270,7 @@ class Trainer:
         self.total = self.cfg.stage1_steps + self.cfg.stage2_steps
         self.checkpointer = checkpointer
         self.restarts = DeadCodeRestarts(self.tok_cfg.codebook_size, self.cfg.dead_code_restart_every,
-                                         seed=self.seed, device=self.device)
+                                         seed=self.seed, device=self.device, until=self.cfg.dead_code_restart_until)
         self.history = HistoryRows()  # checkpointed: a resumed run writes the whole curve
 
     def _batch_split(self) -> tuple[int, int]:

@@ -28,15 +28,20 @@ class DeadCodeRestarts:
         seed: the run seed; restart ``step`` draws its latents from a generator seeded
             ``seed + step``, so restarts do not depend on (or disturb) any other RNG.
         device: where the code counts live (that of the ids passed to :meth:`observe`).
+        until: no restart after this step (1-based): the codebook then settles for the rest of
+            training instead of churning to the end; 0 = restarts through the whole run.
     """
 
     def __init__(self, codebook_size: int, every: int, seed: int,
-                 device: Optional[torch.device | str] = None) -> None:
+                 device: Optional[torch.device | str] = None, *, until: int = 0) -> None:
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
         if every < 0:
             raise ValueError(f"every must be >= 0 (0 = off), got {every}")
+        if until < 0:
+            raise ValueError(f"until must be >= 0 (0 = every window), got {until}")
         self.every = every
+        self.until = until
         self.seed = seed
         # Times each code was chosen since the last restart (not the codebook_usage metric, a fraction).
         self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)  # (K,)
@@ -52,8 +57,9 @@ class DeadCodeRestarts:
             self.counts += torch.bincount(ids.reshape(-1), minlength=len(self.counts))
 
     def due(self, step: int) -> bool:
-        """True after the last step of every ``every``-step window (``step`` is 0-based)."""
-        return self.enabled and (step + 1) % self.every == 0
+        """True after the last step of every ``every``-step window that ends by step ``until``
+        (``step`` is 0-based, ``until`` 1-based)."""
+        return self.enabled and (step + 1) % self.every == 0 and (self.until == 0 or step + 1 <= self.until)
 
     @torch.no_grad()
     def restart(
