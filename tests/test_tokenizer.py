@@ -622,21 +622,25 @@ def test_band_limited_output_projects_each_prefix_onto_its_omega_block() -> None
 # Stage-1 prefix sampling (Algorithm 1 line 4 and its fine-weighted variants)
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["uniform", "linear", "mixed"])
-def test_prefix_sampling_frequencies(mode: str) -> None:
+@pytest.mark.parametrize("mode,floor", [("uniform", 1), ("linear", 1), ("mixed", 1), ("linear", 3), ("mixed", 3),
+                                        ("linear", 8), ("uniform", 3)])
+def test_prefix_sampling_frequencies(mode: str, floor: int) -> None:
     from spectralar.stages.train_tokenizer import sample_levels
 
     config = dataclasses.replace(TINY, num_tokens=8)
     n, draws = config.num_tokens, 200_000
-    levels = sample_levels(draws, config, torch.Generator().manual_seed(0), mode)
+    levels = sample_levels(draws, config, torch.Generator().manual_seed(0), mode, floor)
     assert levels.dtype == torch.long and int(levels.min()) >= 0 and int(levels.max()) <= n - 1
-    i = np.arange(1, n + 1)
-    expected = {"uniform": np.full(n, 1 / n), "linear": i / i.sum(),
-                "mixed": 0.5 / n + 0.5 * i / i.sum()}[mode]
+    # p(i) ∝ max(i, floor), written out: floor 3 of N = 8 weighs prefixes 1..8 as 3, 3, 3, 4, ..., 8
+    weights = np.array([floor] * floor + list(range(floor + 1, n + 1)), dtype=float)
+    expected = {"uniform": np.full(n, 1 / n), "linear": weights / weights.sum(),
+                "mixed": 0.5 / n + 0.5 * weights / weights.sum()}[mode]
     observed = np.bincount(levels.numpy(), minlength=n) / draws
     # 200k draws: the standard error of each frequency is below 0.0012; 5 sigma
     np.testing.assert_allclose(observed, expected, atol=0.006)
-    again = sample_levels(draws, config, torch.Generator().manual_seed(0), mode)
+    if mode == "linear" and floor == n:
+        np.testing.assert_allclose(expected, np.full(n, 1 / n))  # a floor of N is uniform
+    again = sample_levels(draws, config, torch.Generator().manual_seed(0), mode, floor)
     assert torch.equal(levels, again)  # seeded: resume draws the same prefixes
 
 

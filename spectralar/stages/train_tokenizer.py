@@ -86,6 +86,9 @@ class TrainTokenizerConfig:
     augment_hflip: bool = False  # needs extract_proxy_codes.mode: online (codes are of unflipped images)
     # Stage-1 prefix lengths: uniform i ~ U{1..N} (Algorithm 1), linear p(i) ∝ i, or mixed (half each).
     prefix_sampling: Literal["uniform", "linear", "mixed"] = "uniform"
+    # linear (and mixed's linear half): p(i) ∝ max(i, floor), so the rarest, coarsest prefixes are drawn
+    # as often as prefix ``floor``; 1 = p(i) ∝ i, N or more = uniform.
+    prefix_sampling_floor: int = 1
     l2_weight: float = 1.0
     perceptual_weight: float = 0.0
     perceptual_network: Literal["none", "vgg16"] = "none"
@@ -102,7 +105,7 @@ class TrainTokenizerConfig:
     eval_images: int = 500
 
     def __post_init__(self) -> None:
-        require(self, "batch_size", "checkpoint_every", "log_every", "eval_images", at_least=1)
+        require(self, "batch_size", "checkpoint_every", "log_every", "eval_images", "prefix_sampling_floor", at_least=1)
         require(self, "stage1_steps", "stage2_steps", "adversarial_start_step", at_least=0)
         require(self, "lr", "stage2_lr", "discriminator_lr", "grad_clip", above=0)
         require(self, "final_lr", "weight_decay", "l2_weight", "perceptual_weight", "adversarial_weight",
@@ -136,20 +139,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def sample_levels(batch: int, tokenizer_cfg: TokenizerConfig, generator: torch.Generator,
-                  prefix_sampling: str = "uniform") -> torch.Tensor:
+                  prefix_sampling: str = "uniform", floor: int = 1) -> torch.Tensor:
     """0-based level per sample: i-1 with i ~ U{1..N} (Alg. 1 line 4); N-1 without spectral supervision.
 
     ``prefix_sampling`` other than uniform deviates from Algorithm 1 toward the fine prefixes, which
     carry most of the image's detail, while the coarse ones have few degrees of freedom and converge
-    early: ``linear`` draws i with probability ∝ i, ``mixed`` is half uniform, half linear
-    (p(i) = 1/(2N) + i/(N(N+1))).
+    early: ``linear`` draws i with probability ∝ max(i, floor), ``mixed`` is half uniform, half linear
+    (floor 1: p(i) = 1/(2N) + i/(N(N+1))). A floor above 1 draws the coarsest prefixes as often as
+    prefix ``floor`` (with p(i) ∝ i, prefix 1 is 1 draw in N(N+1)/2) at a small cost to the fine ones.
     """
     n = tokenizer_cfg.num_tokens
     if not tokenizer_cfg.spectral_supervision:
         return torch.full((batch,), n - 1, dtype=torch.long)
     if prefix_sampling in ("linear", "mixed"):
-        weights_N = torch.arange(1, n + 1, dtype=torch.float64)
-        probabilities_N = weights_N / weights_N.sum()  # p(i) ∝ i
+        weights_N = torch.arange(1, n + 1, dtype=torch.float64).clamp(min=floor)
+        probabilities_N = weights_N / weights_N.sum()  # p(i) ∝ max(i, floor)
         if prefix_sampling == "mixed":
             probabilities_N = 0.5 * probabilities_N + 0.5 / n
         return torch.multinomial(probabilities_N, batch, replacement=True, generator=generator)
@@ -300,7 +304,8 @@ class Trainer:
         if self.cfg.augment_hflip:
             flip = (torch.rand(self.cfg.batch_size, generator=generator) < 0.5)[mine]
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-        levels = sample_levels(self.cfg.batch_size, self.tok_cfg, generator, self.cfg.prefix_sampling)[mine]
+        levels = sample_levels(self.cfg.batch_size, self.tok_cfg, generator, self.cfg.prefix_sampling,
+                               self.cfg.prefix_sampling_floor)[mine]
         return x, levels
 
     # -- phase set-up -------------------------------------------------------------------------
