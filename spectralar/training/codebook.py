@@ -28,8 +28,8 @@ class DeadCodeRestarts:
         seed: the run seed; restart ``step`` draws its latents from a generator seeded
             ``seed + step``, so restarts do not depend on (or disturb) any other RNG.
         device: where the code counts live (that of the ids passed to :meth:`observe`).
-        until: no restart after this step (1-based): the codebook then settles for the rest of
-            training instead of churning to the end; 0 = restarts through the whole run.
+        until: no restart after this step (1-based); codes that die later stay dead. 0 = restarts
+            through the whole run.
     """
 
     def __init__(self, codebook_size: int, every: int, seed: int,
