@@ -283,6 +283,27 @@ def test_pixel_head_pipeline_decodes_without_the_proxy(tmp_path, fashion_dir):
     torch.testing.assert_close(codec.decode(ids), before)
 
 
+def test_patch_size_binds_to_the_proxy_grid_only_for_the_proxy_code_head(tmp_path, fashion_dir):
+    """The proxy-code head predicts one proxy code per patch, so its patch grid must be the proxy's
+    code grid; the pixel head regresses pixels and may use any patch size that divides the image."""
+    from spectralar.config import ConfigError
+
+    (tmp_path / "pixels").mkdir(), (tmp_path / "codes").mkdir()
+    pixels = Project(tmp_path / "pixels", fashion_dir, {"tokenizer.patch_size": 8, "tokenizer.decoder_head": "pixels"})
+    metrics = pixels.run_all()
+    from spectralar.artifacts import load_codec
+
+    saved = load_model_file(tmp_path / "pixels" / "tokenizer" / "tokenizer.pt", "tokenizer")
+    assert saved["configs"]["tokenizer"]["patch_size"] == 8 and metrics["decode"] == "pixels"
+    assert np.isfinite(metrics["psnr_full"])
+    codec = load_codec(tmp_path / "pixels" / "tokenizer" / "tokenizer.pt", "cpu")
+    assert codec.decode(torch.randint(0, 32, (2, 8))).shape == (2, 1, 32, 32)
+    codes = Project(tmp_path / "codes", fashion_dir, {"tokenizer.patch_size": 8,
+                                                      "tokenizer.decoder_head": "proxy_codes"})
+    with pytest.raises(ConfigError, match="patch_size must equal the proxy's downsample factor"):
+        codes.run_all()
+
+
 def test_compile_trains_both_stages_through_torch_compile(tmp_path, fashion_dir, monkeypatch):
     """train_tokenizer.compile: true wraps each stage's training forward in torch.compile. The
     aot_eager backend stands in for inductor here (dynamo's capture and AOTAutograd, without the

@@ -260,13 +260,13 @@ class Trainer:
         self.train = train
         self.proxy = proxy
         self.local_batch, self.micro_batch = self._batch_split()
-        if tok_cfg.grid_size != proxy.config.grid_size:
+        self.pixel_head = self.tok_cfg.decoder_head == "pixels"
+        if not self.pixel_head and tok_cfg.grid_size != proxy.config.grid_size:
             raise ConfigError(f"tokenizer.patch_size: {tok_cfg.patch_size} gives a {tok_cfg.grid_size}x{tok_cfg.grid_size} "
                               f"patch grid but the proxy's code grid is {proxy.config.grid_size}x{proxy.config.grid_size} "
-                              f"(patch_size must equal the proxy's downsample factor)")
+                              f"(with decoder_head: proxy_codes, patch_size must equal the proxy's downsample factor)")
         self.tokenizer = NestedSpectralTokenizer(self.tok_cfg).to(self.device)
         self.model = nn.ModuleDict({"tokenizer": self.tokenizer, "proxy": self.proxy})
-        self.pixel_head = self.tok_cfg.decoder_head == "pixels"
         # a pixel head regresses I'_i itself: the proxy codes are neither read nor needed
         self.targets = None if self.pixel_head else ProxyTargets(codes_dir, self.proxy, self.omegas, self.tok_cfg)
         if self.cfg.augment_hflip and self.targets is not None and not self.targets.online:
