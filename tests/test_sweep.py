@@ -69,8 +69,9 @@ def test_table4_rows_rerun_everything_from_the_tokenizer_on(dag):
     # the last row is params.yaml's switches; every run shares the sweep's shorter schedule, so at
     # params.yaml's seed that row's tokenizer chain is seed 0's shared run, not the main pipeline's
     schedule = base["sweeps"]["ablation"]["schedule"]
-    assert set(schedule) == {"train_tokenizer.stage1_steps", "train_generator.steps",
-                             "train_tokenizer.cpu_bf16", "train_generator.cpu_bf16"}  # float32: as the committed rows ran
+    assert set(schedule) == {"train_tokenizer.stage1_steps", "train_generator.steps",  # as the committed rows ran:
+                             "train_tokenizer.cpu_bf16", "train_generator.cpu_bf16",  # float32,
+                             "train_tokenizer.prefix_sampling_floor"}  # p(i) ∝ i
     plan = RowPlan(dag, base, "ablation", "nonuniform", seed=0)
     assert plan.specific == set() and plan.seed_stages == DOWNSTREAM_OF_TOKENIZER - {"extract_proxy_codes"}
     assert plan.metrics_file("evaluate") == "runs/ablation/seeds/seed0/metrics/evaluate.json"
@@ -80,6 +81,7 @@ def test_table4_rows_rerun_everything_from_the_tokenizer_on(dag):
     assert seed0.params["train_tokenizer"]["stage1_steps"] == schedule["train_tokenizer.stage1_steps"]
     assert seed0.params["train_generator"]["steps"] == schedule["train_generator.steps"]
     assert not seed0.params["train_tokenizer"]["cpu_bf16"] and not seed0.params["train_generator"]["cpu_bf16"]
+    assert seed0.params["train_tokenizer"]["prefix_sampling_floor"] == 1 < base["train_tokenizer"]["prefix_sampling_floor"]
 
 
 def test_a_schedule_applies_to_every_run_before_its_row(tmp_path, dag):
