@@ -180,9 +180,10 @@ def bench_tokenizer(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     rate = args.steps * args.batch / (time.perf_counter() - start)
-    tokens = cfg.num_patches + cfg.num_tokens
-    flops = (_vit_flops_per_sample(model.encoder.blocks, cfg.encoder_depth, cfg.width, tokens)
-             + _vit_flops_per_sample(model.decoder.blocks, cfg.decoder_depth, cfg.width, tokens))
+    flops = (_vit_flops_per_sample(model.encoder.blocks, cfg.encoder_depth, cfg.width,
+                                   cfg.encoder_num_patches + cfg.num_tokens)
+             + _vit_flops_per_sample(model.decoder.blocks, cfg.decoder_depth, cfg.width,
+                                     cfg.num_patches + cfg.num_tokens))
     utilisation = mfu(flops, rate, peak_flops(device))
     return {
         "config": args.config, "device": str(device),

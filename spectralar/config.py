@@ -398,9 +398,10 @@ def check_sections_together(params: "Params", reading: tuple[str, ...]) -> None:
     if "tokenizer" not in reading:
         return
     tokenizer, resolution = params.tokenizer, params.data.resolution
-    if resolution % tokenizer.patch_size:
-        raise ConfigError(f"tokenizer.patch_size: must divide data.resolution ({resolution}), "
-                          f"got {tokenizer.patch_size}")
+    for key in ("patch_size", "encoder_patch_size"):
+        patch = getattr(tokenizer, key)
+        if patch is not None and resolution % patch:
+            raise ConfigError(f"tokenizer.{key}: must divide data.resolution ({resolution}), got {patch}")
     nonuniform = tokenizer.nonuniform_mapping
     most = max(n for n in range(1, resolution + 1) if not nonuniform or n + n // 4 <= resolution)
     if tokenizer.num_tokens > most:

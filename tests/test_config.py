@@ -306,9 +306,12 @@ def test_the_largest_allowed_n_is_the_largest_with_an_omega_schedule(tmp_path, r
         check_sections_together(bad, ("run", "tokenizer", "train_tokenizer"))
 
 
-def test_a_patch_size_that_does_not_divide_the_resolution_is_refused(tmp_path):
+def test_a_patch_size_or_encoder_patch_size_that_does_not_divide_the_resolution_is_refused(tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", {"tokenizer.patch_size": 8, "data.resolution": 36}))
     with pytest.raises(ConfigError, match=r"^tokenizer\.patch_size: must divide data\.resolution \(36\), got 8$"):
+        check_sections_together(params, ("tokenizer",))
+    params = load_params(write_params(tmp_path / "e.yaml", {"tokenizer.encoder_patch_size": 8, "data.resolution": 36}))
+    with pytest.raises(ConfigError, match=r"^tokenizer\.encoder_patch_size: must divide data\.resolution \(36\), got 8$"):
         check_sections_together(params, ("tokenizer",))
 
 

@@ -31,7 +31,12 @@ def make_model(causal: bool = True, seed: int = 0) -> NestedSpectralTokenizer:
 def make_scrambled_model(causal: bool = True, seed: int = 0) -> NestedSpectralTokenizer:
     """Random O(1)-scale weights: ViT's small init (std 0.02) makes every cross-token signal,
     a leak included, tiny; with unit-gain weights a leak shows up as an O(0.1) change."""
-    model = make_model(causal, seed)
+    return scramble(make_model(causal, seed))
+
+
+@torch.no_grad()
+def scramble(model: NestedSpectralTokenizer) -> NestedSpectralTokenizer:
+    """Replace every weight of the encoder and decoder with a random O(1)-scale one, in place."""
     for module in (model.encoder, model.decoder):
         for submodule in module.modules():
             if isinstance(submodule, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -591,6 +596,51 @@ def test_sincos_position_init() -> None:
     with pytest.raises(ValueError, match="decoder_head"):
         dataclasses.replace(TINY, decoder_head="rgb")
 
+
+
+@torch.no_grad()
+def test_encoder_patch_size_changes_the_encoder_grid_only() -> None:
+    """encoder_patch_size 4 on an 8 px image: the encoder reads a 2x2 grid of 4 px patches, the
+    decoder keeps patch_size's 4x4 grid. The model is exactly a patch-4 encoder (the encoder of
+    TINY with patch_size 4) in front of TINY's decoder, given the same weights."""
+    config = dataclasses.replace(TINY, encoder_patch_size=4, position_init="sincos")
+    assert (config.encoder_patch, config.encoder_grid_size, config.encoder_num_patches) == (4, 2, 4)
+    assert (config.grid_size, config.num_patches) == (TINY.grid_size, TINY.num_patches)
+    torch.manual_seed(0)
+    model = scramble(NestedSpectralTokenizer(config).eval())
+    assert model.encoder.patch_projection.weight.shape == (TINY.width, 1, 4, 4)
+    assert model.encoder.patch_position_embedding.shape == (1, 4, TINY.width)
+    assert model.decoder.mask_position_embedding.shape == (1, TINY.num_patches, TINY.width)
+    from spectralar.models.tokenizer import sincos_2d_table
+
+    torch.manual_seed(0)
+    initial = NestedSpectralTokenizer(config)
+    torch.testing.assert_close(initial.encoder.patch_position_embedding.data, sincos_2d_table(2, TINY.width)[None])
+    torch.testing.assert_close(initial.decoder.mask_position_embedding.data,
+                               sincos_2d_table(TINY.grid_size, TINY.width)[None])
+    coarse = NestedSpectralTokenizer(dataclasses.replace(TINY, patch_size=4)).eval()
+    fine = NestedSpectralTokenizer(TINY).eval()
+    coarse.encoder.load_state_dict(model.encoder.state_dict())
+    fine.decoder.load_state_dict(model.decoder.state_dict())
+    fine.quantizer.load_state_dict(model.quantizer.state_dict())
+    images = random_images(3)
+    latents = model.encode_latents(images)
+    torch.testing.assert_close(latents, coarse.encode_latents(images), atol=0, rtol=0)
+    prefix = torch.tensor([1, 3, TINY.num_tokens])
+    codes = model.quantizer(latents)[0]
+    logits = model.decode(codes, prefix)
+    assert logits.shape == (3, TINY.proxy_codebook_size, TINY.grid_size, TINY.grid_size)
+    torch.testing.assert_close(logits, fine.decode(codes, prefix), atol=0, rtol=0)
+    # the spectral causal mask still keeps s_j, j < k, blind to query k in the coarser encoder
+    model.encoder.spectral_query_tokens[2] += torch.randn(TINY.width)  # (a constant would vanish in LayerNorm)
+    changed = model.encode_latents(images)
+    torch.testing.assert_close(changed[:, :2], latents[:, :2], atol=0, rtol=0)
+    assert (changed[:, 2] - latents[:, 2]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"divisible by encoder_patch_size \(3\)"):
+        dataclasses.replace(TINY, encoder_patch_size=3)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="encoder_patch_size must be a positive int or None"):
+            dataclasses.replace(TINY, encoder_patch_size=bad)
 
 @torch.no_grad()
 def test_band_limited_output_projects_each_prefix_onto_its_omega_block() -> None:

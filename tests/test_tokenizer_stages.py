@@ -285,7 +285,8 @@ def test_pixel_head_pipeline_decodes_without_the_proxy(tmp_path, fashion_dir):
 
 def test_patch_size_binds_to_the_proxy_grid_only_for_the_proxy_code_head(tmp_path, fashion_dir):
     """The proxy-code head predicts one proxy code per patch, so its patch grid must be the proxy's
-    code grid; the pixel head regresses pixels and may use any patch size that divides the image."""
+    code grid; the pixel head regresses pixels and may use any patch size that divides the image;
+    the encoder's own patch size (encoder_patch_size) is free with either head."""
     from spectralar.config import ConfigError
 
     (tmp_path / "pixels").mkdir(), (tmp_path / "codes").mkdir()
@@ -302,6 +303,17 @@ def test_patch_size_binds_to_the_proxy_grid_only_for_the_proxy_code_head(tmp_pat
                                                       "tokenizer.decoder_head": "proxy_codes"})
     with pytest.raises(ConfigError, match="patch_size must equal the proxy's downsample factor"):
         codes.run_all()
+    # the encoder's patches are free with either head: the decoder keeps the proxy's grid
+    (tmp_path / "encoder").mkdir()
+    encoder = Project(tmp_path / "encoder", fashion_dir, {"tokenizer.encoder_patch_size": 8,
+                                                          "tokenizer.decoder_head": "proxy_codes"})
+    metrics = encoder.run_all()
+    saved = load_model_file(tmp_path / "encoder" / "tokenizer" / "tokenizer.pt", "tokenizer")
+    assert (saved["configs"]["tokenizer"]["patch_size"], saved["configs"]["tokenizer"]["encoder_patch_size"]) == (4, 8)
+    assert metrics["decode"] in ("soft", "argmax") and np.isfinite(metrics["psnr_full"])
+    codec = load_codec(tmp_path / "encoder" / "tokenizer" / "tokenizer.pt", "cpu")
+    assert codec.tokenizer.encoder.patch_position_embedding.shape[1] == 16
+    assert codec.decode(torch.randint(0, 32, (2, 8))).shape == (2, 1, 32, 32)
 
 
 def test_compile_trains_both_stages_through_torch_compile(tmp_path, fashion_dir, monkeypatch):

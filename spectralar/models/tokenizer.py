@@ -37,6 +37,10 @@ class TokenizerConfig:
     image_size: int = field(default=32, metadata={"derived_from": PREPARED_MANIFEST})
     in_channels: int = field(default=1, metadata={"derived_from": PREPARED_MANIFEST})
     patch_size: int = 4
+    # The encoder's patch side; None = patch_size. The decoder's mask-token grid stays patch_size
+    # (the proxy's code grid with decoder_head: proxy_codes): the encoder may read coarser patches,
+    # a shorter sequence, without changing what the decoder predicts. TiTok: one patch size for both.
+    encoder_patch_size: Optional[int] = None
     width: int = 128
     encoder_depth: int = 4
     decoder_depth: int = 4
@@ -74,9 +78,16 @@ class TokenizerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TokenizerConfig.{name} must be a positive int, got {value!r}")
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(f"TokenizerConfig.image_size ({self.image_size}) must be divisible "
-                             f"by patch_size ({self.patch_size})")
+        encoder_patch = self.encoder_patch_size
+        if encoder_patch is not None and (not isinstance(encoder_patch, int) or isinstance(encoder_patch, bool)
+                                          or encoder_patch < 1):
+            raise ValueError(f"TokenizerConfig.encoder_patch_size must be a positive int or None, "
+                             f"got {encoder_patch!r}")
+        for name in ("patch_size", "encoder_patch_size"):
+            value = getattr(self, name)
+            if value is not None and self.image_size % value != 0:
+                raise ValueError(f"TokenizerConfig.image_size ({self.image_size}) must be divisible "
+                                 f"by {name} ({value})")
         if self.width % self.heads != 0:
             raise ValueError(f"TokenizerConfig.width ({self.width}) must be divisible by "
                              f"heads ({self.heads})")
@@ -118,8 +129,23 @@ class TokenizerConfig:
 
     @property
     def num_patches(self) -> int:
-        """hw, the number of patch tokens P (encoder) and mask tokens M (decoder)."""
+        """hw, the number of mask tokens M (decoder), and of patch tokens P without an encoder_patch_size."""
         return self.grid_size ** 2
+
+    @property
+    def encoder_patch(self) -> int:
+        """The encoder's patch side: encoder_patch_size, or patch_size when that is None."""
+        return self.patch_size if self.encoder_patch_size is None else self.encoder_patch_size
+
+    @property
+    def encoder_grid_size(self) -> int:
+        """The encoder's patch grid side, image_size // encoder_patch."""
+        return self.image_size // self.encoder_patch
+
+    @property
+    def encoder_num_patches(self) -> int:
+        """The number of patch tokens P the encoder reads."""
+        return self.encoder_grid_size ** 2
 
 
 def _vit_blocks(config: TokenizerConfig, depth: int) -> nn.ModuleList:
@@ -146,9 +172,9 @@ class SpectralEncoder(nn.Module):
         super().__init__()
         self.config = config
         width = config.width
-        self.patch_projection = nn.Conv2d(config.in_channels, width, config.patch_size,
-                                          stride=config.patch_size)
-        self.patch_position_embedding = nn.Parameter(torch.empty(1, config.num_patches, width))
+        self.patch_projection = nn.Conv2d(config.in_channels, width, config.encoder_patch,
+                                          stride=config.encoder_patch)
+        self.patch_position_embedding = nn.Parameter(torch.empty(1, config.encoder_num_patches, width))
         # S0: one learned query per token slot; being per-slot it is also the slot's position
         # code, so no separate token position embedding is added here.
         self.spectral_query_tokens = nn.Parameter(torch.empty(config.num_tokens, width))
@@ -169,12 +195,12 @@ class SpectralEncoder(nn.Module):
         patches_BPC = patches_BPC + self.patch_position_embedding  # (B, P, C)
         queries_BNC = self.spectral_query_tokens.expand(batch, -1, -1).to(patches_BPC.dtype)
         x_BLC = self.norm_pre(torch.cat([patches_BPC, queries_BNC], dim=1))  # (B, P+N, C)
-        attn_mask = encoder_mask(config.num_patches, config.num_tokens, config.causal_mask,
+        attn_mask = encoder_mask(config.encoder_num_patches, config.num_tokens, config.causal_mask,
                                  device=x_BLC.device)  # (L, L) or None
         with sdpa_kernel(attention_backends(x_BLC.device)):
             for block in self.blocks:
                 x_BLC = block(x_BLC, attn_mask=attn_mask)  # (B, P+N, C)
-        tokens_BNC = self.norm_post(x_BLC[:, config.num_patches:])  # (B, N, C)
+        tokens_BNC = self.norm_post(x_BLC[:, config.encoder_num_patches:])  # (B, N, C)
         return self.latent_projection(tokens_BNC)  # (B, N, D)
 
 
@@ -323,10 +349,11 @@ class NestedSpectralTokenizer(nn.Module):
                           self.decoder.mask_position_embedding):
             nn.init.trunc_normal_(embedding, std=0.02)
         if self.config.position_init == "sincos":
-            table_1PC = sincos_2d_table(self.config.grid_size, self.config.width)[None]
+            config = self.config
             with torch.no_grad():
-                self.encoder.patch_position_embedding.copy_(table_1PC)
-                self.decoder.mask_position_embedding.copy_(table_1PC)
+                self.encoder.patch_position_embedding.copy_(
+                    sincos_2d_table(config.encoder_grid_size, config.width)[None])
+                self.decoder.mask_position_embedding.copy_(sincos_2d_table(config.grid_size, config.width)[None])
         token_scale = self.config.width ** -0.5
         with torch.no_grad():
             for token in (self.encoder.spectral_query_tokens, self.decoder.mask_token):
