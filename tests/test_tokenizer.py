@@ -597,7 +597,6 @@ def test_sincos_position_init() -> None:
         dataclasses.replace(TINY, decoder_head="rgb")
 
 
-
 @torch.no_grad()
 def test_encoder_patch_size_changes_the_encoder_grid_only() -> None:
     """encoder_patch_size 4 on an 8 px image: the encoder reads a 2x2 grid of 4 px patches, the
@@ -639,8 +638,9 @@ def test_encoder_patch_size_changes_the_encoder_grid_only() -> None:
     with pytest.raises(ValueError, match=r"divisible by encoder_patch_size \(3\)"):
         dataclasses.replace(TINY, encoder_patch_size=3)
     for bad in (0, True, 2.0):
-        with pytest.raises(ValueError, match="encoder_patch_size must be a positive int or None"):
+        with pytest.raises(ValueError, match=r"^TokenizerConfig\.encoder_patch_size must be a positive int, got "):
             dataclasses.replace(TINY, encoder_patch_size=bad)
+
 
 @torch.no_grad()
 def test_band_limited_output_projects_each_prefix_onto_its_omega_block() -> None:

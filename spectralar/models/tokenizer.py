@@ -73,16 +73,11 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         positive = ("image_size", "in_channels", "patch_size", "width", "encoder_depth",
                     "decoder_depth", "heads", "num_tokens", "codebook_size", "code_dim",
-                    "proxy_codebook_size")
+                    "proxy_codebook_size") + (() if self.encoder_patch_size is None else ("encoder_patch_size",))
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TokenizerConfig.{name} must be a positive int, got {value!r}")
-        encoder_patch = self.encoder_patch_size
-        if encoder_patch is not None and (not isinstance(encoder_patch, int) or isinstance(encoder_patch, bool)
-                                          or encoder_patch < 1):
-            raise ValueError(f"TokenizerConfig.encoder_patch_size must be a positive int or None, "
-                             f"got {encoder_patch!r}")
         for name in ("patch_size", "encoder_patch_size"):
             value = getattr(self, name)
             if value is not None and self.image_size % value != 0:
