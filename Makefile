@@ -44,7 +44,7 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test-paper: setup  # the paper configs end to end (every architecture at its paper size), ~17 min on 2 cores
+test-paper: setup  # the paper configs end to end (every architecture at its paper size), 17-33 min on 2 cores
 	$(PY) -m pytest -q -m paper tests/test_paper_e2e.py
 
 lint: setup

@@ -38,8 +38,9 @@ Time: on 2 CPU cores the run is dominated by the N = 64 levels at 256 px: extrac
 every training image 64 times with the MaskGIT encoder, and train_tokenizer's and evaluate's
 per-prefix PSNR decode each evaluation image from 64 prefixes through the tokenizer and the MaskGIT
 decoder. Those counts are the paper's (N = 64), so the test keeps them. Measured: 17 minutes on 2 cores
-under light load (evaluate 365 s, train_tokenizer 171 s, extract_proxy_codes 156 s, each sample 115-120
-s); the README has every stage's time and peak memory.
+under light load (2026-12-01), 33 minutes on a slower AVX2 machine with both trainers compiled by
+inductor (2026-12-03: evaluate 537 s, train_tokenizer 487 s, extract_proxy_codes 303 s, each sample
+196-211 s); the README has every stage's time and peak memory.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from tests.test_extract_proxy_codes import run_measured
 
 logger = logging.getLogger(__name__)
 
-pytestmark = [pytest.mark.slow, pytest.mark.paper]  # not in `make test` (17 min on 2 cores): `make test-paper`
+pytestmark = [pytest.mark.slow, pytest.mark.paper]  # not in `make test` (17-33 min on 2 cores): `make test-paper`
 
 CLASSES = ("n01440764", "n01443537")  # ImageNet wnids: the official train/<wnid>/*.JPEG layout
 TRAIN_PER_CLASS, VAL_PER_CLASS = 1, 5  # correlation needs 10 val images

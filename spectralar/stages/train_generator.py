@@ -265,10 +265,13 @@ class Trainer:
         lr = lr_at(step, base_lr=cfg.peak_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                    schedule="linear", final_lr=cfg.final_lr)
         set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         optimizer.step()
+        # Gradients freed as soon as the step has used them, not at the next step's start: the EMA
+        # update, the validation's copy of the model and a checkpoint then run without a model-sized
+        # gradient copy beside them (at d16, 1.25 GB less at every validation).
+        optimizer.zero_grad(set_to_none=True)
         accuracy = (logits_bNV.detach().argmax(-1) == ids_bN).float().mean()
         return {"loss": loss.detach(), "accuracy": accuracy, "grad_norm": grad_norm.detach(), "lr": lr}
 
