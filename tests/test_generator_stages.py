@@ -287,6 +287,29 @@ def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):
         assert torch.equal(ids, full_ids[4 * rank:4 * rank + 4]) and torch.equal(labels, full_labels[4 * rank:4 * rank + 4])
 
 
+
+def test_a_training_step_frees_its_gradients(project):
+    """The step updates the weights and leaves no gradient behind: validation copies the model and the
+    EMA, and a checkpoint is written, after a step, so a model-sized gradient kept alive until the next
+    step's start would sit beside them (at d16 it took the paper-config run to its memory limit)."""
+    from spectralar.artifacts import generator_config_for, load_tokens
+    from spectralar.config import load_params
+    from spectralar.stages.train_generator import Trainer
+    from spectralar.training import DistributedContext, build_adamw
+
+    params = load_params(project.params)
+    manifest, ids, labels = load_tokens(project.root / "tokens")
+    single = DistributedContext(0, 0, 1, torch.device("cpu"), True)
+    trainer = Trainer(generator_config_for(params.generator, manifest), params.train_generator, ids, labels, single,
+                      seed=params.run.seed)
+    optimizer = build_adamw(trainer.model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    for step in range(2):  # the second step runs with the first step's gradients already freed
+        terms = trainer._train_step(step, optimizer)
+        assert torch.isfinite(terms["loss"]) and float(terms["grad_norm"]) > 0
+        assert all(p.grad is None for p in trainer.model.parameters())
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
 # ------------------------------------------------------------------------------------------ sample
 
 def test_sample_outputs_are_seeded_cyclic_and_truncated(project):
