@@ -267,17 +267,10 @@ def test_torchrun_relaunch_only_for_distributed_stages():
 
 def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):
     """Rank r's labels are rows r·b..(r+1)·b of the single-process batch, dropped labels included."""
-    from spectralar.artifacts import generator_config_for, load_tokens
-    from spectralar.config import load_params
-    from spectralar.stages.train_generator import Trainer
     from spectralar.training import DistributedContext
 
     project.set_params({"generator.class_dropout": 0.5, "train_generator.batch_size": 8})
-    params = load_params(project.params)
-    manifest, ids, labels = load_tokens(project.root / "tokens")
-    single = DistributedContext(0, 0, 1, torch.device("cpu"), True)
-    trainer = Trainer(generator_config_for(params.generator, manifest), params.train_generator, ids, labels, single,
-                      seed=params.run.seed)
+    trainer = _single_process_trainer(project)
     full_ids, full_labels = trainer.batch(5)
     assert (full_labels == 10).any() and (full_labels != 10).any()  # some dropped to the null class
     for rank in (0, 1):
@@ -287,21 +280,13 @@ def test_label_dropout_is_drawn_on_the_global_batch(project, monkeypatch):
         assert torch.equal(ids, full_ids[4 * rank:4 * rank + 4]) and torch.equal(labels, full_labels[4 * rank:4 * rank + 4])
 
 
-
 def test_a_training_step_frees_its_gradients(project):
     """The step updates the weights and leaves no gradient behind: validation copies the model and the
     EMA, and a checkpoint is written, after a step, so a model-sized gradient kept alive until the next
     step's start would sit beside them (at d16 it took the paper-config run to its memory limit)."""
-    from spectralar.artifacts import generator_config_for, load_tokens
-    from spectralar.config import load_params
-    from spectralar.stages.train_generator import Trainer
-    from spectralar.training import DistributedContext, build_adamw
+    from spectralar.training import build_adamw
 
-    params = load_params(project.params)
-    manifest, ids, labels = load_tokens(project.root / "tokens")
-    single = DistributedContext(0, 0, 1, torch.device("cpu"), True)
-    trainer = Trainer(generator_config_for(params.generator, manifest), params.train_generator, ids, labels, single,
-                      seed=params.run.seed)
+    trainer = _single_process_trainer(project)
     optimizer = build_adamw(trainer.model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     for step in range(2):  # the second step runs with the first step's gradients already freed
@@ -309,6 +294,21 @@ def test_a_training_step_frees_its_gradients(project):
         assert torch.isfinite(terms["loss"]) and float(terms["grad_norm"]) > 0
         assert all(p.grad is None for p in trainer.model.parameters())
     assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
+def _single_process_trainer(project):
+    """train_generator's Trainer on the project's tokens and params, as one CPU process."""
+    from spectralar.artifacts import generator_config_for, load_tokens
+    from spectralar.config import load_params
+    from spectralar.stages.train_generator import Trainer
+    from spectralar.training import DistributedContext
+
+    params = load_params(project.params)
+    manifest, ids, labels = load_tokens(project.root / "tokens")
+    single = DistributedContext(0, 0, 1, torch.device("cpu"), True)
+    return Trainer(generator_config_for(params.generator, manifest), params.train_generator, ids, labels, single,
+                   seed=params.run.seed)
+
 
 # ------------------------------------------------------------------------------------------ sample
 
