@@ -266,16 +266,21 @@ def _significant(value: float, digits: int = 4) -> float:
 
 
 def generator_sampling(config, device: str | torch.device = "cpu", batch: int = 64, repeats: int = 2,
-                       cfg_scale: float = 1.5, recompute_repeats: int = 1) -> dict:
+                       cfg_scale: float = 1.5, recompute_repeats: int = 1, compiled: bool = False) -> dict:
     """Sampling images/s of a randomly initialised generator (speed does not depend on the weights):
 
     kv_cache   ``generate`` as the sample stage runs it (KV cache, CFG on one doubled batch);
-    no_cache   ``generate`` recomputing the whole prefix at every step (the reference path);
+    no_cache   ``generate`` recomputing the whole prefix at every step (the reference path; skipped
+               with ``recompute_repeats`` 0);
     floor      one teacher-forced forward of the whole sequence over the same rows (2 x batch with
-               CFG): the same matmuls in one pass, what step-by-step sampling can at best approach.
+               CFG): the same matmuls in one pass, what step-by-step sampling can at best approach;
+    compiled   (with ``compiled``) ``generate(compiled=True)``: the static KV cache through
+               ``torch.compile`` (CUDA graphs on a GPU; ``sample.compile``), its tracing in the
+               warm-up and reported as ``compile_seconds``.
 
-    The cached sampler and the floor are warmed up and then timed alternately (best of ``repeats``),
-    so both see the same load; full recompute, N/k times slower, is timed ``recompute_repeats`` times.
+    The cached sampler, the floor (and the compiled sampler) are warmed up and then timed alternately
+    (best of ``repeats``), so all see the same load; full recompute, N/k times slower, is timed
+    ``recompute_repeats`` times.
     """
     from spectralar.models.generator import SpectralGPT
     from spectralar.models.sampling import cyclic_labels, generate
@@ -288,31 +293,44 @@ def generator_sampling(config, device: str | torch.device = "cpu", batch: int = 
     ids_RT = torch.randint(0, config.vocab_size, (rows_R.shape[0], config.num_tokens - config.tokens_per_step),
                            generator=torch.Generator().manual_seed(0)).to(device)
 
-    def sample(cached: bool) -> Callable[[], object]:
+    def sample(cached: bool, compile_step: bool = False) -> Callable[[], object]:
         generator = torch.Generator(device).manual_seed(0)
-        return lambda: generate(model, labels_B, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached)
+        return lambda: generate(model, labels_B, cfg_scale=cfg_scale, generator=generator, use_kv_cache=cached,
+                                compiled=compile_step)
 
     @torch.no_grad()
     def floor() -> None:
         model.logits_from_prefix(model.class_condition(rows_R), ids_RT)
 
-    cached = sample(True)
-    seconds = {"kv_cache": math.inf, "floor": math.inf}
-    for run in (cached, floor):  # warm-up
-        run()
+    timed = {"kv_cache": sample(True), "floor": floor}
+    if compiled:
+        timed["compiled"] = sample(True, compile_step=True)
+    seconds = dict.fromkeys(timed, math.inf)
+    warmup = {}
+    for name, run in timed.items():
+        warmup[name] = _best_seconds(run, device, 1)
     for _ in range(repeats):
-        seconds["kv_cache"] = min(seconds["kv_cache"], _best_seconds(cached, device, 1))
-        seconds["floor"] = min(seconds["floor"], _best_seconds(floor, device, 1))
-    seconds["no_cache"] = _best_seconds(sample(False), device, recompute_repeats)
+        for name, run in timed.items():
+            seconds[name] = min(seconds[name], _best_seconds(run, device, 1))
+    if recompute_repeats:
+        seconds["no_cache"] = _best_seconds(sample(False), device, recompute_repeats)
     rate = {name: batch / value for name, value in seconds.items()}
-    return {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
-            "width": config.resolved_width, "depth": config.depth,
-            "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
-            "images_per_second_kv_cache": _significant(rate["kv_cache"]),
-            "images_per_second_no_cache": _significant(rate["no_cache"]),
-            "images_per_second_floor": _significant(rate["floor"]),
-            "kv_cache_speedup": round(rate["kv_cache"] / rate["no_cache"], 2),
-            "kv_cache_over_floor": round(rate["kv_cache"] / rate["floor"], 3)}
+    result = {"device": str(device), "batch": batch, "num_tokens": config.num_tokens,
+              "width": config.resolved_width, "depth": config.depth,
+              "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+              "images_per_second_kv_cache": _significant(rate["kv_cache"])}
+    if recompute_repeats:
+        result["images_per_second_no_cache"] = _significant(rate["no_cache"])
+    result |= {"images_per_second_floor": _significant(rate["floor"]),
+               "kv_cache_over_floor": round(rate["kv_cache"] / rate["floor"], 3)}
+    if recompute_repeats:
+        result["kv_cache_speedup"] = round(rate["kv_cache"] / rate["no_cache"], 2)
+    if compiled:
+        result |= {"images_per_second_compiled": _significant(rate["compiled"]),
+                   "compiled_over_floor": round(rate["compiled"] / rate["floor"], 3),
+                   "compiled_over_kv_cache": round(rate["compiled"] / rate["kv_cache"], 3),
+                   "compile_seconds": round(warmup["compiled"] - seconds["compiled"], 1)}
+    return result
 
 
 # Sampling sizes: the chosen config, and a wider, deeper variant at the paper's 64 tokens (nearer the
@@ -323,6 +341,7 @@ SAMPLING_SIZES: dict[str, tuple[dict, int]] = {
 }
 SAMPLING_COLUMNS = ("size", "threads", "batch", "parameters", "images_per_second_kv_cache",
                     "images_per_second_no_cache", "images_per_second_floor", "kv_cache_over_floor")
+COMPILED_COLUMNS = ("images_per_second_compiled", "compiled_over_floor", "compile_seconds")
 
 
 def _generator_config(args: argparse.Namespace):
@@ -362,10 +381,10 @@ def bench_generator(args: argparse.Namespace) -> dict:
         for count in threads:
             torch.set_num_threads(count)
             row = generator_sampling(size_cfg, device, batch=args.sample_batch or default_batch,
-                                     repeats=args.sample_repeats)
+                                     repeats=args.sample_repeats, compiled=args.sample_compiled)
             result["sample"].append({"size": size, **row})
     if result["sample"]:
-        print(markdown_table(result["sample"], SAMPLING_COLUMNS))
+        print(markdown_table(result["sample"], SAMPLING_COLUMNS + (COMPILED_COLUMNS if args.sample_compiled else ())))
     return result
 
 
@@ -436,6 +455,9 @@ def main() -> None:
     gen.add_argument("--sample-batch", type=int, default=0,
                      help="images per sampling call (0 = each size's default: 100 and 50)")
     gen.add_argument("--sample-repeats", type=int, default=3, help="timed calls of the cached sampler and the floor")
+    gen.add_argument("--sample-compiled", action="store_true",
+                     help="also time generate(compiled=True): the static KV cache through torch.compile "
+                          "(CUDA graphs on a GPU); its tracing is reported apart")
     gen.add_argument("--threads", type=int, nargs="+", default=None,
                      help="CPU thread counts to sample at (default: 1 2 on the CPU)")
     quality = sub.add_parser("tokenizer-quality", help="per-prefix PSNR beside DCT/PCA/proxy ceilings, usage, rFID")

@@ -13,6 +13,9 @@ run of at most ``--budget`` seconds (480 by default):
                       compared with the same step without DDP
   pipeline            the whole default pipeline (dvc.yaml's stages in order, each its own process as under
                       ``dvc repro``) in a temporary copy of the project with ``run.device: cuda``, timed
+  compiled_sampling   d16 sampling with ``generate(compiled=True)`` (``sample.compile``): torch.compile over
+                      a static KV cache, CUDA graphs on a GPU; images/s beside the eager sampler and the
+                      floor, and the seconds of tracing
 
 Each part runs in processes of its own under its own time limit, so a crash, a hang or a timeout costs that
 part only, and ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` are rewritten after every part. Without a
@@ -101,6 +104,8 @@ PARTS = (
     Part("generator_sampling", "generator sampling", 75, 60),
     Part("ddp", "DDP step, process group of one", 60, 60),
     Part("pipeline", "default pipeline in a temporary copy", 420, 150),
+    # Last, so its tracing never takes the pipeline's time: what `sample.compile: true` would give.
+    Part("compiled_sampling", "generator sampling, compiled (static KV cache; CUDA graphs on a GPU)", 120, 60),
 )
 PART_NAMES = tuple(part.name for part in PARTS)
 
@@ -231,6 +236,19 @@ def generator_sampling(sizes: Sizes, device_name: str) -> dict:
             "precision": "fp32/TF32 (the sample stage does not autocast)"}
 
 
+def compiled_sampling(sizes: Sizes, device_name: str) -> dict:
+    """``generate(compiled=True)`` (``sample.compile``) beside the eager cached sampler and the floor."""
+    from spectralar import bench
+    from spectralar.stages.common import stage_device
+
+    device = stage_device(device_name)
+    result = bench.generator_sampling(sizes.generator_config(), device, batch=sizes.sample_batch,
+                                      repeats=sizes.sample_repeats, cfg_scale=CFG_SCALE, recompute_repeats=0,
+                                      compiled=True)
+    return {**result, "config": sizes.generator, "cfg_scale": CFG_SCALE, "device_name": _device_name(device),
+            "mode": "reduce-overhead (CUDA graphs)" if device.type == "cuda" else "default (inductor)"}
+
+
 def ddp_step(sizes: Sizes, device_name: str) -> dict:
     """One training step of the generator wrapped in DistributedDataParallel, as train_generator wraps it,
     in a process group of one (NCCL on CUDA, gloo on the CPU), against the same step without DDP.
@@ -304,6 +322,7 @@ BENCHMARKS: dict[str, Callable[[Sizes, str], dict]] = {
     "generator_training": generator_training,
     "generator_sampling": generator_sampling,
     "ddp": ddp_step,
+    "compiled_sampling": compiled_sampling,
 }
 
 
@@ -585,6 +604,11 @@ def summary(record: dict) -> str:
         return (f"{result['config']} ({result['num_tokens']} tokens, CFG {result['cfg_scale']}) batch "
                 f"{result['batch']}: {_number(result['images_per_second_kv_cache'])} images/s with the KV cache, "
                 f"{_number(result['images_per_second_no_cache'])} without ({result['kv_cache_speedup']}x)")
+    if name == "compiled_sampling":
+        return (f"{result['config']} batch {result['batch']}, {result['mode']}: "
+                f"{_number(result['images_per_second_compiled'])} images/s against "
+                f"{_number(result['images_per_second_kv_cache'])} eager ({result['compiled_over_kv_cache']}x; "
+                f"{result['compiled_over_floor']} of the floor), {_number(result['compile_seconds'])} s tracing")
     if name == "ddp":
         return (f"{result['backend']}, world size {result['world_size']}, {result['config']} batch {result['batch']}: "
                 f"gradients match the step without DDP (max difference {result['max_gradient_difference']:.2g})")

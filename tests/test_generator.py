@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -172,6 +173,29 @@ def test_cached_logits_match_full_forward(tokens_per_step: int, prefill_groups: 
 
 
 @pytest.mark.parametrize("tokens_per_step", [1, 4])
+@pytest.mark.parametrize("prefill_groups", [1, 3])
+def test_static_cache_logits_match_full_forward(tokens_per_step: int, prefill_groups: int) -> None:
+    """The static cache (writes at tensor positions, attends over all N under a mask) gives the
+    teacher-forced logits; its unwritten positions hold large values here (a stale cache's are finite
+    too), so a mask that let any through would show."""
+    k = tokens_per_step
+    model = tiny_model(tokens_per_step=k)
+    ids = random_ids()
+    with torch.no_grad():
+        cond = model.class_condition(LABELS)
+        full = model.logits_from_prefix(cond, ids[:, : TOKENS - k])
+        inputs = model.sequence_inputs(cond, ids[:, : TOKENS - k])  # (B, N, C)
+        cache, modulation = model.new_static_kv_cache(len(LABELS), cond.device, cond.dtype), model.modulation(cond)
+        for buffer in (*cache.keys, *cache.values):
+            buffer.fill_(1e4)
+        starts = [0, *range(prefill_groups * k, TOKENS, k)]
+        chunks = [model.forward_static(inputs[:, start:end], modulation, cache, torch.arange(start, end))
+                  for start, end in zip(starts, [*starts[1:], TOKENS])]
+    assert not any((buffer == 1e4).any() for buffer in (*cache.keys, *cache.values))  # every position written
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_per_step", [1, 4])
 def test_sequence_inputs_from_a_start_are_the_tail_of_all_inputs(tokens_per_step: int) -> None:
     """A sampling step embeds only the positions it feeds; they equal the full inputs' rows exactly."""
     model = tiny_model(tokens_per_step=tokens_per_step)
@@ -215,6 +239,67 @@ def test_cached_completion_equals_recompute(tokens_per_step: int, prefix_length:
     ]
     assert runs[0].shape == (3, num_tokens)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("tokens_per_step, prefix_length, num_tokens", [(1, 0, 16), (1, 5, 12), (4, 0, 16),
+                                                                      (4, 6, 14), (4, 8, 16)])
+def test_static_cache_generation_equals_growing_cache(tokens_per_step: int, prefix_length: int,
+                                                      num_tokens: int) -> None:
+    """The fixed-shape cache that ``compiled`` traces samples the same tokens as the growing cache,
+    with completion and truncation; and two runs can share nothing but the model."""
+    model = tiny_model(tokens_per_step=tokens_per_step)
+    prefix = random_ids(seed=8)[:, :prefix_length]
+    runs = [generate(model, LABELS, prefix_ids=prefix, num_tokens=num_tokens, cfg_scale=1.5, top_k=10, top_p=0.9,
+                     generator=torch.Generator().manual_seed(3), static_cache=static)
+            for static in (True, False, True)]
+    assert runs[0].shape == (3, num_tokens)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[1])
+
+
+def test_static_and_compiled_need_the_kv_cache() -> None:
+    for flag in ("static_cache", "compiled"):
+        with pytest.raises(ValueError, match="use_kv_cache"):
+            generate(tiny_model(), LABELS, use_kv_cache=False, **{flag: True})
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager() -> None:
+    """``torch.compile`` (inductor's CPU code here; CUDA graphs on a GPU) over the static cache: one
+    trace serves every step and a second call (a new batch of the same size reuses the cache), and the
+    tokens are the eager ones. Greedy draws (top_k 1), so a last-bit difference in a fused kernel could
+    only change a token through a near-tie of two logits."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(tokens_per_step=4)
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {compiled: [generate(model, labels, top_k=1, cfg_scale=1.5, generator=torch.Generator().manual_seed(3),
+                                compiled=compiled)
+                       for labels in (LABELS, LABELS.flip(0))]
+            for compiled in (False, True)}
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1  # traced once, no break
+    for eager, compiled in zip(runs[False], runs[True]):
+        assert torch.equal(compiled, eager)
+    from spectralar.models import sampling
+
+    assert len(sampling._COMPILED) == 1
+    del model
+    gc.collect()
+    assert not sampling._COMPILED  # the model and its static caches are freed with it
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_generation_equals_eager() -> None:
+    """On a GPU ``compiled`` runs in "reduce-overhead" mode: every step replays one CUDA graph over the
+    static cache. Same greedy tokens as the eager growing cache, for two batches of one size."""
+    device = torch.device("cuda")
+    model = tiny_model(tokens_per_step=4).to(device)
+    torch._dynamo.reset()
+    for labels in (LABELS.to(device), LABELS.flip(0).to(device)):
+        runs = [generate(model, labels, top_k=1, cfg_scale=1.5, generator=torch.Generator(device).manual_seed(3),
+                         compiled=compiled) for compiled in (False, True)]
+        assert torch.equal(runs[1], runs[0])
 
 
 def test_generation_is_seeded() -> None:

@@ -55,7 +55,8 @@ def test_every_part_runs_or_says_why_not(quick_check):
     assert not failed, failed
     assert report["ok"] and report["meta"]["mode"] == "quick" and report["meta"]["device"] == "cpu"
     assert parts["cuda_tests"]["status"] == "skipped" and "CUDA" in parts["cuda_tests"]["note"]
-    for name in ("tokenizer_training", "generator_training", "generator_sampling", "ddp", "pipeline"):
+    for name in ("tokenizer_training", "generator_training", "generator_sampling", "ddp", "pipeline",
+                 "compiled_sampling"):
         assert parts[name]["status"] == "ok", name
         assert 0 < parts[name]["seconds"] <= parts[name]["limit_s"] + 5, name
         assert (out / "logs" / f"{name}.log").is_file() or name == "pipeline"
@@ -74,6 +75,9 @@ def test_benchmarks_report_rates_and_no_cpu_mfu(quick_check):
     sampling = parts["generator_sampling"]["result"]
     assert sampling["images_per_second_kv_cache"] > 0 and sampling["images_per_second_no_cache"] > 0
     assert sampling["cfg_scale"] == gpu_check.CFG_SCALE
+    compiled = parts["compiled_sampling"]["result"]
+    assert compiled["images_per_second_compiled"] > 0 and compiled["compile_seconds"] > 0
+    assert compiled["mode"] == "default (inductor)" and "images_per_second_no_cache" not in compiled
 
 
 def test_ddp_step_uses_gloo_without_cuda_and_matches_the_plain_step(quick_check):

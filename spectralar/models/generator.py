@@ -18,7 +18,9 @@ whole group can be sampled in parallel. For k = 1 this is the ordinary causal ma
 Sampling cost: the AdaLN gates, scales and shifts depend only on the class, so a sampling run computes
 them once (:meth:`SpectralGPT.modulation`) and every step reuses them; keys and values go into buffers
 preallocated for the whole sequence (:class:`KVCache`), so a step writes k positions and never copies
-the cache. SDPA backends are chosen explicitly, per device and per kind of call (whole sequence or
+the cache. :class:`StaticKVCache` goes one step further for ``torch.compile``: every step attends over
+all N positions under a mask, so every step has the same shapes and is traced once (on CUDA, captured
+once as a CUDA graph). SDPA backends are chosen explicitly, per device and per kind of call (whole sequence or
 sampling step): :func:`spectralar.models.attention.attention_backends`.
 """
 
@@ -42,6 +44,7 @@ __all__ = [
     "LayerKVCache",
     "Modulation",
     "SpectralGPT",
+    "StaticKVCache",
     "attention_backends",
     "block_causal_mask",
 ]
@@ -180,6 +183,39 @@ class LayerKVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]  # (B, H, end, D) views
 
 
+class StaticKVCache:
+    """Keys and values of every block in buffers of one fixed shape (B, H, N, D), for compiled sampling.
+
+    A step writes its k positions with ``index_copy_`` at positions given as a tensor and attends over
+    all N positions, the ones not yet written masked out; so every step sees the same shapes and
+    addresses, and ``torch.compile`` traces the step once (on CUDA it can replay it as a CUDA graph: the
+    buffers are marked as static addresses, as HF transformers' ``StaticCache`` does). The buffers start
+    at zero and a position is written before any query sees it, so a cache can serve run after run (a
+    masked position's weight is exactly 0, which leaves its value out as long as it is finite).
+    """
+
+    def __init__(self, depth: int, batch: int, heads: int, num_tokens: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, heads, num_tokens, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        for buffer in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(buffer)
+
+
+class _StaticLayerWrite:
+    """One block's view of a :class:`StaticKVCache` for one step: writes at ``positions_L``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions_L: torch.Tensor) -> None:
+        self.keys, self.values, self.positions_L = keys, values, positions_L
+
+    def append(self, keys_BHLD: torch.Tensor, values_BHLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions; keys/values (B, H, N, D) of every position (the unwritten masked)."""
+        self.keys.index_copy_(2, self.positions_L, keys_BHLD)
+        self.values.index_copy_(2, self.positions_L, values_BHLD)
+        return self.keys, self.values
+
+
 class KVCache:
     """Per-block key/value caches of one sampling run; passed explicitly, never stored on the model."""
 
@@ -266,7 +302,7 @@ class SelfAttention(nn.Module):
         x_BLC: torch.Tensor,
         attn_mask: Optional[torch.Tensor],
         is_causal: bool,
-        cache: Optional[LayerKVCache],
+        cache: Optional[LayerKVCache | _StaticLayerWrite],
     ) -> torch.Tensor:
         B, L, C = x_BLC.shape
         bias = torch.cat((self.query_bias, torch.zeros_like(self.query_bias), self.value_bias))
@@ -277,12 +313,16 @@ class SelfAttention(nn.Module):
         k_BHLD = F.normalize(k_BHLD, dim=-1)
         if cache is not None:
             k_BHLD, v_BHLD = cache.append(k_BHLD, v_BHLD)  # (B, H, L_cached + L, D)
-        if cache is not None and attn_mask is None and not is_causal and x_BLC.device.type == "cpu":
-            # A sampling step on CPU (one group of queries over the whole cache, no mask): the product
-            # written out. SDPA's math kernel multiplies q and every cached key by sqrt(scale) even at
-            # scale 1, a pass over the cache per layer and step that cost 9% of sampling time.
-            weights_BHLK = torch.matmul(q_BHLD, k_BHLD.transpose(-2, -1)).softmax(dim=-1)
-            out_BHLD = torch.matmul(weights_BHLK, v_BHLD)
+        static_step = isinstance(cache, _StaticLayerWrite)
+        if x_BLC.device.type == "cpu" and (static_step or cache is not None and attn_mask is None and not is_causal):
+            # A sampling step on CPU (one group of queries over the whole cache, no mask; or over a
+            # static cache, its unwritten positions masked): the product written out. SDPA's math
+            # kernel multiplies q and every cached key by sqrt(scale) even at scale 1, a pass over the
+            # cache per layer and step that cost 9% of sampling time.
+            scores_BHLK = torch.matmul(q_BHLD, k_BHLD.transpose(-2, -1))
+            if attn_mask is not None:
+                scores_BHLK = scores_BHLK.masked_fill(~attn_mask, float("-inf"))
+            out_BHLD = torch.matmul(scores_BHLK.softmax(dim=-1), v_BHLD)
         else:
             # scale=1: the per-head scale is already in q (a cosine-similarity logit, not 1/sqrt(D)).
             out_BHLD = F.scaled_dot_product_attention(
@@ -336,7 +376,7 @@ class AdaLNBlock(nn.Module):
         modulation: tuple[torch.Tensor, ...],
         attn_mask: Optional[torch.Tensor],
         is_causal: bool,
-        cache: Optional[LayerKVCache],
+        cache: Optional[LayerKVCache | _StaticLayerWrite],
     ) -> torch.Tensor:
         gate_attn, gate_mlp, scale_attn, scale_mlp, shift_attn, shift_mlp = modulation  # (B, 1, C) each
         h_BLC = self.norm(x_BLC) * (1 + scale_attn) + shift_attn  # (B, L, C)
@@ -534,6 +574,29 @@ class SpectralGPT(nn.Module):
             return self._run(x_BLC, modulation, attn_mask=None, is_causal=False, cache=cache, step=True)
         mask_LK = block_causal_mask(start, length, start + length, k, x_BLC.device)
         return self._run(x_BLC, modulation, attn_mask=mask_LK, is_causal=False, cache=cache)
+
+    def new_static_kv_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> StaticKVCache:
+        attn = self.blocks[0].attn
+        return StaticKVCache(self.config.depth, batch, attn.heads, self.config.num_tokens, attn.head_dim,
+                             device, dtype)
+
+    def forward_static(
+        self, x_BLC: torch.Tensor, modulation: Modulation, cache: StaticKVCache, positions_L: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, L, V) of positions ``positions_L`` (L consecutive positions from a group's start,
+        as a tensor on the model's device), whose inputs ``x_BLC`` are rows of ``sequence_inputs``;
+        writes their keys and values into ``cache`` and attends block-causally over all N positions,
+        so the positions not yet written (all in later groups) are masked. The same logits as
+        :meth:`forward_cached`; with L = k every step has the same shapes (``sampling.generate``'s
+        ``compiled`` path traces this method once)."""
+        k = self.config.tokens_per_step
+        key_group_N = torch.arange(self.config.num_tokens, device=x_BLC.device) // k
+        visible_LN = key_group_N[None, :] <= (positions_L // k)[:, None]  # True = may attend
+        with sdpa_kernel(attention_backends(x_BLC.device)):
+            for index, block in enumerate(self.blocks):
+                write = _StaticLayerWrite(cache.keys[index], cache.values[index], positions_L)
+                x_BLC = block(x_BLC, modulation.blocks[index], visible_LN, False, write)
+        return self.head(x_BLC, modulation.head)  # (B, L, V)
 
     def _run(
         self,

@@ -5,16 +5,22 @@ labels, then the null class), logits = (1 + t) * cond - t * uncond with t rampin
 the first step to cfg at the last; then temperature, top-k, top-p and a multinomial draw with a
 seeded ``torch.Generator``. Paper §3.3 / §4.4 applications: truncated generation (stop after the
 first n tokens, Table 3) and spectrum completion (keep a given token prefix, generate the rest).
+
+Three ways to compute a step's logits, the same tokens from all: a KV cache that grows (the default),
+full recompute (the reference), and ``compiled``: a static KV cache whose steps all have one shape,
+through ``torch.compile`` (on CUDA in "reduce-overhead" mode, which replays each step as a CUDA graph,
+so the launches of a small sampling step's hundreds of kernels are paid once).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+import weakref
+from typing import Callable, Literal, Optional
 
 import torch
 
-from spectralar.models.generator import SpectralGPT
+from spectralar.models.generator import SpectralGPT, StaticKVCache
 
 __all__ = ["GuidanceSchedule", "generate", "guidance_scale", "guide_logits", "sample_logits"]
 
@@ -105,6 +111,66 @@ class _CachedLogits:
         return logits_BLV[:, -self.model.config.tokens_per_step :]  # (B, k, V)
 
 
+class _StaticLogits:
+    """Next-group logits over a :class:`StaticKVCache`: every step feeds k positions and attends over all
+    N, so a step has one shape (``step`` may be compiled). A teacher-forced prefix of several groups
+    (spectrum completion) runs once, uncompiled, through the same method."""
+
+    def __init__(self, model: SpectralGPT, cond_BC: torch.Tensor, compiled: bool) -> None:
+        self.model, self.cond_BC, self.length = model, cond_BC, 0
+        self.modulation = model.modulation(cond_BC)
+        device, dtype = cond_BC.device, cond_BC.dtype
+        if compiled:
+            self.step, self.cache = _compiled_sampler(model).for_rows(cond_BC.shape[0], device, dtype)
+        else:
+            self.step = SpectralGPT.forward_static
+            self.cache = model.new_static_kv_cache(cond_BC.shape[0], device, dtype)
+        self.cuda_graphs = compiled and device.type == "cuda"
+
+    def __call__(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        k = self.model.config.tokens_per_step
+        x_BLC = self.model.sequence_inputs(self.cond_BC, ids_BT, start=self.length)
+        positions_L = torch.arange(self.length, self.length + x_BLC.shape[1], device=x_BLC.device)
+        self.length += x_BLC.shape[1]
+        if x_BLC.shape[1] != k:  # a multi-group prefix: once per call, not worth a second trace
+            return self.model.forward_static(x_BLC, self.modulation, self.cache, positions_L)[:, -k:]
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse its memory
+        return self.step(self.model, x_BLC, self.modulation, self.cache, positions_L)  # (B, k, V)
+
+
+class _CompiledSampler:
+    """A model's compiled static step and one :class:`StaticKVCache` per row count, device and dtype,
+    kept for the model's lifetime so later calls neither trace again nor move the cache (a CUDA graph
+    replays on fixed addresses). The step is the unbound method, the model an argument: nothing here
+    holds the model, so it and its caches go when the model does."""
+
+    def __init__(self, model: SpectralGPT) -> None:
+        self.model = weakref.ref(model)
+        self.caches: dict[tuple, StaticKVCache] = {}
+        self.step: Optional[Callable[..., torch.Tensor]] = None
+
+    def for_rows(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[Callable, StaticKVCache]:
+        model = self.model()
+        assert model is not None
+        if self.step is None:
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self.step = torch.compile(SpectralGPT.forward_static, mode=mode, dynamic=False)
+        key = (rows, str(device), dtype)
+        if key not in self.caches:
+            self.caches[key] = model.new_static_kv_cache(rows, device, dtype)
+        return self.step, self.caches[key]
+
+
+_COMPILED: "weakref.WeakKeyDictionary[SpectralGPT, _CompiledSampler]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_sampler(model: SpectralGPT) -> _CompiledSampler:
+    if model not in _COMPILED:
+        _COMPILED[model] = _CompiledSampler(model)
+    return _COMPILED[model]
+
+
 class _RecomputedLogits:
     """Next-group logits recomputed from the whole prefix (the reference for the cached path)."""
 
@@ -130,6 +196,8 @@ def generate(
     top_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
     use_kv_cache: bool = True,
+    static_cache: bool = False,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sample token ids (B, num_tokens) for class ``labels`` (B,).
 
@@ -142,12 +210,19 @@ def generate(
     cfg_scale: 0 = plain conditional sampling (no null-class half is run).
     generator: seeds every draw; must live on the model's device.
     use_kv_cache: False recomputes the whole prefix each step (reference / benchmark).
+    static_cache: a KV cache of one fixed shape (every step attends over all N positions, the later
+        ones masked): what ``compiled`` traces, here run eagerly.
+    compiled: run the steps through ``torch.compile`` over the static cache (traced on the first call
+        for a model and row count: seconds to minutes; then reused).
+    ``static_cache`` and ``compiled`` need ``use_kv_cache``.
     The model is put in eval mode for the call and its mode restored afterwards.
     """
     config = model.config
     k, steps = config.tokens_per_step, config.num_steps
     n = config.num_tokens if num_tokens is None else num_tokens
     _check_generate_args(model, labels, n, cfg_scale, cfg_schedule)
+    if (static_cache or compiled) and not use_kv_cache:
+        raise ValueError("static_cache and compiled run over a KV cache: use_kv_cache must be True")
     prefix_BP = _check_prefix(prefix_ids, labels, n, config.vocab_size)
     guided = cfg_scale != 0.0
     both_labels = torch.cat((labels, torch.full_like(labels, model.null_class))) if guided else labels
@@ -155,7 +230,10 @@ def generate(
     model.eval()
     try:
         cond_BC = model.class_condition(both_labels)  # (B or 2B, C)
-        next_logits = (_CachedLogits if use_kv_cache else _RecomputedLogits)(model, cond_BC)
+        if static_cache or compiled:
+            next_logits: Callable[[torch.Tensor], torch.Tensor] = _StaticLogits(model, cond_BC, compiled)
+        else:
+            next_logits = (_CachedLogits if use_kv_cache else _RecomputedLogits)(model, cond_BC)
         first_group = prefix_BP.shape[1] // k
         ids_BT = prefix_BP[:, : first_group * k]
         for step in range(first_group, math.ceil(n / k)):
