@@ -345,7 +345,8 @@ def generate(generator: Generator, labels: Labels, *, num_tokens: Optional[int] 
         labels, ``run.seed`` and ``sample.batch_size`` reproduce its ``samples.npz`` ids.
     sampling: the keywords of :func:`spectralar.models.sampling.generate` (``cfg_scale``,
         ``cfg_schedule``, ``temperature``, ``top_k``, ``top_p``, ``prefix_ids`` for spectrum
-        completion, ``use_kv_cache``), with its defaults (VAR's: cfg 1.5 on a linear ramp).
+        completion, ``use_kv_cache``, ``compiled`` for torch.compile over a static KV cache), with its
+        defaults (VAR's: cfg 1.5 on a linear ramp).
 
     Example::
 

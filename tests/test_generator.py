@@ -155,8 +155,12 @@ def test_causality_four_tokens_per_step() -> None:
 
 @pytest.mark.parametrize("tokens_per_step", [1, 4])
 @pytest.mark.parametrize("prefill_groups", [1, 3])
-def test_cached_logits_match_full_forward(tokens_per_step: int, prefill_groups: int) -> None:
-    """Feeding the sequence chunk by chunk through the cache gives the teacher-forced logits."""
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_logits_match_full_forward(tokens_per_step: int, prefill_groups: int, static: bool) -> None:
+    """Feeding the sequence chunk by chunk through the cache gives the teacher-forced logits: the
+    growing cache, and the static one (writes at tensor positions, attends over all N under a mask),
+    whose unwritten positions hold large values here (a stale cache's are finite too), so a mask that
+    let any through would show."""
     k = tokens_per_step
     model = tiny_model(tokens_per_step=k)
     ids = random_ids()
@@ -164,34 +168,19 @@ def test_cached_logits_match_full_forward(tokens_per_step: int, prefill_groups: 
         cond = model.class_condition(LABELS)
         full = model.logits_from_prefix(cond, ids[:, : TOKENS - k])
         inputs = model.sequence_inputs(cond, ids[:, : TOKENS - k])  # (B, N, C)
-        cache, modulation = model.new_kv_cache(), model.modulation(cond)
-        chunks = [model.forward_cached(inputs[:, : prefill_groups * k], modulation, cache)]
-        for start in range(prefill_groups * k, TOKENS, k):
-            chunks.append(model.forward_cached(inputs[:, start : start + k], modulation, cache))
-    assert cache.length == TOKENS
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("tokens_per_step", [1, 4])
-@pytest.mark.parametrize("prefill_groups", [1, 3])
-def test_static_cache_logits_match_full_forward(tokens_per_step: int, prefill_groups: int) -> None:
-    """The static cache (writes at tensor positions, attends over all N under a mask) gives the
-    teacher-forced logits; its unwritten positions hold large values here (a stale cache's are finite
-    too), so a mask that let any through would show."""
-    k = tokens_per_step
-    model = tiny_model(tokens_per_step=k)
-    ids = random_ids()
-    with torch.no_grad():
-        cond = model.class_condition(LABELS)
-        full = model.logits_from_prefix(cond, ids[:, : TOKENS - k])
-        inputs = model.sequence_inputs(cond, ids[:, : TOKENS - k])  # (B, N, C)
-        cache, modulation = model.new_static_kv_cache(len(LABELS), cond.device, cond.dtype), model.modulation(cond)
-        for buffer in (*cache.keys, *cache.values):
-            buffer.fill_(1e4)
+        modulation = model.modulation(cond)
         starts = [0, *range(prefill_groups * k, TOKENS, k)]
-        chunks = [model.forward_static(inputs[:, start:end], modulation, cache, torch.arange(start, end))
-                  for start, end in zip(starts, [*starts[1:], TOKENS])]
-    assert not any((buffer == 1e4).any() for buffer in (*cache.keys, *cache.values))  # every position written
+        spans = list(zip(starts, [*starts[1:], TOKENS]))
+        if static:
+            cache = model.new_static_kv_cache(len(LABELS), cond.device, cond.dtype)
+            for buffer in (*cache.keys, *cache.values):
+                buffer.fill_(1e4)
+            chunks = [model.forward_static(inputs[:, a:b], modulation, cache, torch.arange(a, b)) for a, b in spans]
+            assert not any((buffer == 1e4).any() for buffer in (*cache.keys, *cache.values))  # all written
+        else:
+            growing = model.new_kv_cache()
+            chunks = [model.forward_cached(inputs[:, a:b], modulation, growing) for a, b in spans]
+            assert growing.length == TOKENS
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

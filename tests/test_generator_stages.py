@@ -436,3 +436,24 @@ def test_compile_trains_through_torch_compile(project, monkeypatch):
     assert compiled == ["TeacherForced"] and metrics["steps"] == 6 and np.isfinite(metrics["train_loss"])
     state = load_model_file(project.root / "generator" / "generator.pt", "generator")
     assert not any("_orig_mod" in name for name in state["weights"]["generator"])
+
+
+@pytest.mark.parametrize("compile_steps", [False, True])
+def test_sample_compile_reaches_the_sampler(monkeypatch, compile_steps: bool) -> None:
+    """``sample.compile`` is what every batch of samples asks ``generate`` for (the compiled path itself:
+    tests/test_generator.py)."""
+    from spectralar.models.generator import SpectralGPT
+    from spectralar.stages import sample
+
+    calls = []
+
+    def recording(model, labels, **kwargs):
+        calls.append(kwargs)
+        return generate(model, labels, **kwargs | {"compiled": False})
+
+    monkeypatch.setattr(sample, "generate", recording)
+    model = SpectralGPT(GeneratorConfig(depth=1, width=32, heads=2, vocab_size=8, num_tokens=4, num_classes=3))
+    cfg = sample.SampleConfig(num_per_class=3, batch_size=4, compile=compile_steps)
+    ids, _ = sample.sample_ids(model, torch.arange(9) % 3, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert ids.shape == (9, 4) and len(calls) == 3
+    assert all(call["compiled"] is compile_steps for call in calls)
