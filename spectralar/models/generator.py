@@ -590,6 +590,7 @@ class SpectralGPT(nn.Module):
         :meth:`forward_cached`; with L = k every step has the same shapes (``sampling.generate``'s
         ``compiled`` path traces this method once)."""
         k = self.config.tokens_per_step
+        # block_causal_mask's rule, from the positions tensor: an int start would make a trace per step.
         key_group_N = torch.arange(self.config.num_tokens, device=x_BLC.device) // k
         visible_LN = key_group_N[None, :] <= (positions_L // k)[:, None]  # True = may attend
         with sdpa_kernel(attention_backends(x_BLC.device)):
