@@ -12,6 +12,7 @@ generated rules mark them for ``snakemake --report`` with a caption from ``workf
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ import yaml
 CODE = "code"           # deps no stage produces: the package's own code
 UPSTREAM = "upstream"   # deps another stage produces, read from a path the command does not pass
 OUTS = "outs"           # outs the command does not pass
+
+# Python's bytecode cache, which is not code: the first import of a package writes <package>/__pycache__/
+# (unless PYTHONDONTWRITEBYTECODE is set), so a stage that imports a package another stage lists as a
+# dep would change that dep. .dvcignore keeps it out of DVC's hashes; :func:`code_files` out of Snakemake's inputs.
+BYTECODE_DIR, BYTECODE_SUFFIXES = "__pycache__", (".pyc", ".pyo")
 
 
 @dataclass(frozen=True)
@@ -126,17 +132,37 @@ def _group(named: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return groups
 
 
-def stage_inputs(dag: Mapping[str, StageSpec], stage: str) -> dict[str, list[str]]:
+def code_files(path: str, root: str | Path = ".") -> list[str]:
+    """A dep no stage produces (the package's code), as Snakemake inputs: a file as itself; a directory
+    (``spectralar/models``) as every file inside it, sorted, the bytecode cache left out. Snakemake
+    judges a directory input by the directory's own mtime, which an edit of a module inside it does not
+    change (DVC hashes the directory's contents). Paths are relative to ``root``, the project."""
+    folder = Path(root) / path
+    if not folder.is_dir():
+        return [path]
+    files = []
+    for directory, subdirectories, names in os.walk(folder):
+        subdirectories[:] = sorted(d for d in subdirectories if d != BYTECODE_DIR)
+        relative = Path(path) / Path(directory).relative_to(folder)
+        files += [(relative / name).as_posix() for name in names if not name.endswith(BYTECODE_SUFFIXES)]
+    return sorted(files)
+
+
+def stage_inputs(dag: Mapping[str, StageSpec], stage: str, root: str | Path = ".") -> dict[str, list[str]]:
     """The stage's deps as Snakemake inputs, named after the flag that passes each in its command
-    (``--data data/prepared`` -> ``data``); deps no stage produces go under :data:`CODE`. A dep inside
-    another stage's directory output becomes that directory (``models/proxy/proxy.pt`` ->
-    ``models/proxy``): Snakemake matches a rule's outputs, not files inside them."""
+    (``--data data/prepared`` -> ``data``); deps no stage produces go under :data:`CODE`, a directory
+    as its files (:func:`code_files`, relative to the project ``root``). A dep inside another stage's
+    directory output becomes that directory (``models/proxy/proxy.pt`` -> ``models/proxy``):
+    Snakemake matches a rule's outputs, not files inside them."""
     arguments = command_paths(dag[stage].cmd)
     named = []
     for dep in dag[stage].deps:
         made_by = producer(dag, dep)
-        fallback = CODE if made_by is None else UPSTREAM
-        named.append((_passed_by(dep, arguments) or fallback, dep if made_by is None else made_by[1]))
+        if made_by is None:
+            name = _passed_by(dep, arguments) or CODE
+            named += [(name, path) for path in code_files(dep, root)]
+        else:
+            named.append((_passed_by(dep, arguments) or UPSTREAM, made_by[1]))
     return _group(named)
 
 

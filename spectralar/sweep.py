@@ -52,7 +52,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import yaml
 
 from spectralar.config import ConfigError, read_yaml
-from spectralar.dag import StageSpec, load_dag, producer, topological_order, upstream  # noqa: F401 (re-exported)
+from spectralar.dag import StageSpec, code_files, load_dag, producer, topological_order, upstream  # noqa: F401 (re-exported)
 from spectralar.evaluation.headline import HEADLINE_METRICS
 
 SWEEP_ROOT = "runs"
@@ -324,7 +324,11 @@ class RowPlan:
         return self.path(made_by[1]) if made_by is not None else path
 
     def inputs(self, stage: str) -> list[str]:
-        return sorted({self.input_path(d) for d in self.dag[stage].deps})
+        """The stage's deps for this run; the package's code as its files (``dag.code_files``)."""
+        paths = set()
+        for dep in self.dag[stage].deps:
+            paths.update(code_files(dep) if producer(self.dag, dep) is None else [self.input_path(dep)])
+        return sorted(paths)
 
     def sections(self, stage: str) -> dict[str, Any]:
         """The run's values of the params sections ``stage`` reads (a change reruns it)."""

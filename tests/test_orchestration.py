@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spectralar.dag import code_files
 from spectralar.stages import GPU_STAGES, STAGES, stage_info
 from tests.conftest import REPO, TINY, make_fashion_dir, write_params
 
@@ -22,8 +23,11 @@ BIN = Path(sys.executable).parent
 
 
 def _env(**extra) -> dict:
+    """The orchestrators' environment, with Python writing its bytecode cache as it does by default (a
+    machine that sets PYTHONDONTWRITEBYTECODE would hide a stage whose imports change another's deps)."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", SPECTRALAR_TRACKING="0",
                DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(extra)
     return env
 
@@ -40,10 +44,12 @@ def dvc_stages(project: Path = REPO) -> dict[str, dict]:
     return out
 
 
-def as_snakemake_input(stages: dict[str, dict], dep: str) -> str:
-    """A dep inside another stage's output is that output (Snakemake matches outputs, not files in them)."""
-    return next((out for stage in stages.values() for out in stage["outs"]
-                 if dep == out or dep.startswith(out + "/")), dep)
+def as_snakemake_inputs(stages: dict[str, dict], dep: str, project: Path = REPO) -> list[str]:
+    """A dep inside another stage's output is that output (Snakemake matches outputs, not files in them);
+    a dep no stage makes (code) is its files (a directory's mtime does not see an edit inside it)."""
+    made = next((out for stage in stages.values() for out in stage["outs"] if dep == out or dep.startswith(out + "/")),
+                None)
+    return [made] if made is not None else code_files(dep, project)
 
 
 def flag_paths(cmd: str) -> dict[str, str]:
@@ -139,14 +145,14 @@ def rules(tmp_path_factory):
     return snakemake_rules(tmp_path_factory.mktemp("rules"))
 
 
-def check_jobs_follow_dvc_yaml(stages: dict[str, dict], jobs: dict[str, dict]) -> None:
+def check_jobs_follow_dvc_yaml(stages: dict[str, dict], jobs: dict[str, dict], project: Path = REPO) -> None:
     """Every dvc.yaml stage is a job of the rule of its name with exactly its command (stderr to the
     rule's log), its deps as inputs (directory-mapped), its outs and metrics as outputs."""
     for name, stage in stages.items():
         job = jobs[name]
         assert job["log"] == f"logs/{name}.log", name
         assert job["cmd"] == f"{stage['cmd']} 2> logs/{name}.log", name
-        expected = {as_snakemake_input(stages, dep) for dep in stage["deps"]}
+        expected = {path for dep in stage["deps"] for path in as_snakemake_inputs(stages, dep, project)}
         assert expected <= set(job["input"]), name
         # the only other inputs: sweep tables the command passes, once a sweep has written them
         sweep_tables = {p for p in flag_paths(stage["cmd"]).values() if re.fullmatch(r"runs/[\w-]+/table\.csv", p)}
@@ -163,7 +169,7 @@ def check_rules_follow_dvc_yaml(stages: dict[str, dict], rules: dict[str, dict],
         assert rule["params"]["sections"] == {section: params[section] for section in stage["params"]}, name
         for flag, path in flag_paths(stage["cmd"]).items():
             if path in stage["deps"]:
-                assert as_snakemake_input(stages, path) in _listed(rule["input"][flag]), (name, flag)
+                assert set(as_snakemake_inputs(stages, path)) <= set(_listed(rule["input"][flag])), (name, flag)
             if path in stage["outs"]:
                 assert path in _listed(rule["output"][flag]), (name, flag)
         assert _listed(rule["output"]["metrics"]) == stage["metrics"], name
@@ -210,12 +216,13 @@ def test_a_stage_added_to_dvc_yaml_needs_no_snakemake_edit(tmp_path):
 
     stages, jobs = dvc_stages(project), snakemake_jobs(project)
     assert set(jobs) == set(stages) | {"all"} and "histogram" in jobs  # a fresh copy: no sweep table
-    check_jobs_follow_dvc_yaml(stages, jobs)
+    check_jobs_follow_dvc_yaml(stages, jobs, project)
     assert jobs["histogram"]["resources"]["gpu"] == "0" and jobs["histogram"]["threads"] == 16
     rules = snakemake_rules(tmp_path / "rules", project)
     check_rules_follow_dvc_yaml(stages, rules, yaml.safe_load((project / "params.yaml").read_text()))
     assert rules["histogram"]["input"]["tokenizer"] == "models/tokenizer"
-    assert sorted(_listed(rules["histogram"]["input"]["code"])) == ["spectralar/data", "spectralar/stages/histogram.py"]
+    assert sorted(_listed(rules["histogram"]["input"]["code"])) == \
+        code_files("spectralar/data", project) + ["spectralar/stages/histogram.py"]
 
 
 HELLO_MODULE = '''"""hello: a throwaway stage (tests/test_orchestration.py adds it to a copy of the project)."""
@@ -493,7 +500,7 @@ def test_every_stage_declares_the_code_it_imports(rules):
     for name in STAGES:
         expected = stage_code_deps(name)
         assert sorted(d for d in spec[name]["deps"] if d.startswith("spectralar")) == expected, name
-        assert sorted(_listed(rules[name]["input"]["code"])) == expected, name
+        assert sorted(_listed(rules[name]["input"]["code"])) == sorted(f for d in expected for f in code_files(d, REPO)), name
 
 
 def test_snakemake_lint_is_clean():
@@ -705,6 +712,32 @@ def test_snakemake_rerun_does_nothing_and_a_generator_change_reruns_only_what_fo
     # the same change given to Snakemake instead of written into params.yaml reruns the same stages
     assert _jobs(snakemake_project, "--config", 'generator={"depth": 2}') == GENERATOR_AND_AFTER
     assert _jobs(snakemake_project, "--config", 'generator={"depth": 1}') == set()  # = params.yaml
+
+
+@pytest.mark.slow
+def test_snakemake_reruns_what_an_in_place_module_edit_affects(snakemake_project):
+    """A module edited in place (its directory's mtime unchanged) reruns the stages that list its package
+    and every stage after them, as DVC's content hash does; the bytecode cache that the run's imports
+    wrote into the package reruns nothing (the rerun test above)."""
+    from spectralar.dag import load_dag, upstream
+
+    folder = snakemake_project / "spectralar" / "models"
+    assert list(folder.glob("__pycache__/*.pyc"))  # the stages wrote it, as Python does by default
+    dag = load_dag(snakemake_project / "dvc.yaml")
+    affected = {name for name, spec in dag.items() if "spectralar/models" in spec.deps}
+    while more := {name for name in dag if upstream(dag, name) & affected} - affected:
+        affected |= more
+    module = folder / "generator.py"
+    text, before, folder_mtime = module.read_text(), module.stat(), folder.stat().st_mtime_ns
+    try:
+        with module.open("a") as handle:
+            handle.write("\n# an edit\n")
+        assert folder.stat().st_mtime_ns == folder_mtime
+        assert _jobs(snakemake_project) == affected and "prepare" not in affected
+    finally:
+        module.write_text(text)
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert _jobs(snakemake_project) == set()
 
 
 @pytest.mark.slow
