@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spectralar.dag import code_files
+from spectralar.dag import code_files, load_dag, upstream
 from spectralar.stages import GPU_STAGES, STAGES, stage_info
 from tests.conftest import REPO, TINY, make_fashion_dir, write_params
 
@@ -500,7 +500,8 @@ def test_every_stage_declares_the_code_it_imports(rules):
     for name in STAGES:
         expected = stage_code_deps(name)
         assert sorted(d for d in spec[name]["deps"] if d.startswith("spectralar")) == expected, name
-        assert sorted(_listed(rules[name]["input"]["code"])) == sorted(f for d in expected for f in code_files(d, REPO)), name
+        expected_files = sorted(path for dep in expected for path in code_files(dep, REPO))
+        assert sorted(_listed(rules[name]["input"]["code"])) == expected_files, name
 
 
 def test_snakemake_lint_is_clean():
@@ -719,8 +720,6 @@ def test_snakemake_reruns_what_an_in_place_module_edit_affects(snakemake_project
     """A module edited in place (its directory's mtime unchanged) reruns the stages that list its package
     and every stage after them, as DVC's content hash does; the bytecode cache that the run's imports
     wrote into the package reruns nothing (the rerun test above)."""
-    from spectralar.dag import load_dag, upstream
-
     folder = snakemake_project / "spectralar" / "models"
     assert list(folder.glob("__pycache__/*.pyc"))  # the stages wrote it, as Python does by default
     dag = load_dag(snakemake_project / "dvc.yaml")
