@@ -30,7 +30,9 @@ def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
     TiTok quantises in float32: low-precision distances pick wrong codes among thousands of close
     ones. Devices without autocast (the meta device used for shape checks) get a no-op context.
     """
-    if torch.amp.is_autocast_available(device.type):
+    # CPU and CUDA first: torch.compile cannot trace torch.amp.is_autocast_available in torch 2.11
+    # (a graph break in the compiled tokenizer forward); torch 2.14 can
+    if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -88,7 +88,8 @@ def _check_image_tensor(x: Tensor, name: str) -> None:
 
 
 def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device.type):
+    # CPU and CUDA without asking: torch.compile cannot trace is_autocast_available in torch 2.11
+    if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()  # e.g. the meta device, where autocast does not exist
 
