@@ -31,6 +31,8 @@ import dataclasses
 import datetime
 import functools
 import gzip
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -109,6 +111,20 @@ PARTS = (
     Part("compiled_sampling", "generator sampling, compiled (static KV cache; CUDA graphs on a GPU)", 120, 60),
 )
 PART_NAMES = tuple(part.name for part in PARTS)
+
+# What each part imports beyond torch, numpy and PyYAML, by module name -> the distribution pinned in
+# requirements.txt. A GPU machine without network may have a PyTorch of its own but not the project's
+# pins: the check names what is missing before it starts, instead of a part failing minutes in.
+# `cuda_tests` collects every test module (pytest imports them all to find the marked tests).
+_VISION = {"timm": "timm", "torchvision": "torchvision", "PIL": "pillow"}
+_PIPELINE = {**_VISION, "torch_fidelity": "torch-fidelity", "scipy": "scipy", "matplotlib": "matplotlib"}
+PART_NEEDS: dict[str, dict[str, str]] = {
+    "cuda_tests": {**_PIPELINE, "pytest": "pytest"},
+    "tokenizer_training": _VISION,
+    "pipeline": _PIPELINE,
+}
+# Imported if present: without MLflow every stage warns once and runs untracked (timings a little shorter).
+OPTIONAL = {"mlflow": "mlflow"}
 
 
 @dataclasses.dataclass
@@ -519,6 +535,38 @@ def _gpu_description() -> Optional[str]:
     return found.stdout.strip().replace("\n", "; ") or None if found.returncode == 0 else None
 
 
+def pinned_versions(requirements: Path = PROJECT / "requirements.txt") -> dict[str, str]:
+    """requirements.txt's ``name==version`` lines."""
+    pins = {}
+    for line in (requirements.read_text().splitlines() if requirements.is_file() else []):
+        name, separator, version = line.split("#")[0].strip().partition("==")
+        if separator:
+            pins[name.lower()] = version
+    return pins
+
+
+def _installed(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing_modules(parts: tuple[str, ...]) -> dict[str, str]:
+    """Modules the selected parts import that this Python cannot find: module -> distribution ``==`` pin."""
+    pins = pinned_versions()
+    needed = {module: dist for part in parts for module, dist in PART_NEEDS.get(part, {}).items()}
+    return {module: f"{dist}=={pins[dist]}" if dist in pins else dist
+            for module, dist in sorted(needed.items()) if importlib.util.find_spec(module) is None}
+
+
+def package_versions() -> dict[str, dict[str, Optional[str]]]:
+    """The installed and pinned version of torch and of every distribution a part imports."""
+    pins = pinned_versions()
+    names = ["torch", "numpy", *sorted({d for needs in PART_NEEDS.values() for d in needs.values()} | set(OPTIONAL.values()))]
+    return {name: {"installed": _installed(name), "pinned": pins.get(name)} for name in names}
+
+
 def _meta(options: Options, device: str) -> dict:
     import torch
 
@@ -526,12 +574,17 @@ def _meta(options: Options, device: str) -> dict:
             "mode": "quick" if options.quick else "full", "device": device, "gpu": _gpu_description(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "host_cpus": os.cpu_count(), "load_average_start": [round(x, 2) for x in os.getloadavg()],
-            "budget_s": options.budget_s, "sizes": dataclasses.asdict(options.sizes)}
+            "budget_s": options.budget_s, "sizes": dataclasses.asdict(options.sizes), "packages": package_versions()}
 
 
 def run_check(options: Options) -> dict:
     """Every selected part in order, each within min(its limit, the budget left); the JSON and markdown
     are rewritten after each, so a check cut short still leaves every finished part's result."""
+    missing = missing_modules(options.parts)
+    if missing:
+        raise SystemExit(f"gpu_check: this Python ({sys.executable}) lacks what the parts import: "
+                         f"{', '.join(sorted(set(missing.values())))} (requirements.txt's pins; torch-fidelity is "
+                         f"pure Python: pip install --no-deps). Or leave out the parts that need them with --parts.")
     options.out.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(options.device)
     report = {"meta": _meta(options, device), "parts": []}
@@ -610,6 +663,19 @@ def summary(record: dict) -> str:
     return "—"
 
 
+def _package_line(packages: dict[str, dict[str, Optional[str]]]) -> str:
+    """``name version`` for each, the pin beside a version that differs; MLflow's absence explained."""
+    words = []
+    for name, found in packages.items():
+        installed, pinned = found["installed"], found["pinned"]
+        if installed is None:
+            words.append(f"{name} missing" + (" (stages run untracked)" if name in OPTIONAL.values() else ""))
+        else:
+            differs = pinned is not None and installed.split("+")[0] != pinned
+            words.append(f"{name} {installed}" + (f" (pinned {pinned})" if differs else ""))
+    return ", ".join(words) or "—"
+
+
 def markdown(report: dict) -> str:
     meta = report["meta"]
     titles = {part.name: part.title for part in PARTS}
@@ -622,6 +688,7 @@ def markdown(report: dict) -> str:
               + f"; torch {meta['torch']}, CUDA {meta['cuda']}, Python {meta['python']}",
               f"- host: {meta['host_cpus']} CPUs, load average {meta['load_average_start']} at the start, "
               f"{meta.get('load_average_end')} at the end (timings on a loaded host are 'under load')",
+              f"- packages: {_package_line(meta.get('packages', {}))}",
               "", "| part | status | result | seconds | note |", "|---|---|---|---|---|"]
     for record in report["parts"]:
         note = record["note"].replace("|", "\\|").replace("\n", " ")

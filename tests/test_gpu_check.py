@@ -147,3 +147,30 @@ def test_synthetic_fashion_mnist_reads_like_the_real_files(tmp_path):
     assert images.shape == (30, 32, 32, 1) and images.dtype == np.uint8
     assert labels.tolist() == [i % 10 for i in range(30)]
     assert load_split(directory, "val", 32)[0].shape == (20, 32, 32, 1)
+
+
+def test_a_missing_package_stops_the_check_before_any_part_and_names_its_pin(tmp_path, monkeypatch):
+    """A GPU machine with a PyTorch of its own may lack the project's pins: the check names them at once
+    (here torch-fidelity, which the pipeline's evaluate imports), instead of a part failing minutes in."""
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torch_fidelity" else real(name, *args))
+    pins = gpu_check.pinned_versions()
+    assert gpu_check.missing_modules(("pipeline",)) == {"torch_fidelity": f"torch-fidelity=={pins['torch-fidelity']}"}
+    assert gpu_check.missing_modules(("ddp", "generator_sampling")) == {}  # torch alone
+    with pytest.raises(SystemExit, match=f"torch-fidelity=={pins['torch-fidelity']}"):
+        gpu_check.run_check(gpu_check.Options(out=tmp_path / "out", quick=True, device="cpu"))
+    assert not (tmp_path / "out").exists()  # no part started
+
+
+def test_the_report_gives_installed_and_pinned_versions(tmp_path):
+    report = gpu_check.run_check(gpu_check.Options(out=tmp_path, quick=True, device="cpu", parts=("cuda_tests",)))
+    packages = report["meta"]["packages"]
+    assert packages["torch"]["pinned"] == gpu_check.pinned_versions()["torch"]
+    assert packages["torch-fidelity"]["installed"] is not None and "mlflow" in packages
+    line = next(line for line in (tmp_path / gpu_check.MARKDOWN_NAME).read_text().splitlines()
+                if line.startswith("- packages: "))
+    assert line.startswith("- packages: torch ") and "timm " in line
+    assert gpu_check._package_line({"torch": {"installed": "2.11.0+cu130", "pinned": "2.14.1"},
+                                    "mlflow": {"installed": None, "pinned": "3.17.2"}}) == \
+        "torch 2.11.0+cu130 (pinned 2.14.1), mlflow missing (stages run untracked)"
