@@ -254,7 +254,14 @@ def generator_sampling(sizes: Sizes, device_name: str, compiled: bool = False) -
     result |= {"config": sizes.generator, "cfg_scale": CFG_SCALE, "device_name": _device_name(device),
                "precision": "fp32/TF32 (the sample stage does not autocast)"}
     if compiled:
+        from torch._dynamo.utils import counters  # this child process compiled nothing else
+
         result["mode"] = "reduce-overhead (CUDA graphs)" if device.type == "cuda" else "default (inductor)"
+        # Whether the trace held: graph breaks, the graphs dynamo made (recompiles add to them), and the
+        # compiled functions inductor ran without a CUDA graph (it skips one on a mutated input, say)
+        result |= {"graph_breaks": sum(counters["graph_break"].values()),
+                   "unique_graphs": counters["stats"]["unique_graphs"],
+                   "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     return result
 
 
@@ -654,7 +661,9 @@ def summary(record: dict) -> str:
         return (f"{result['config']} batch {result['batch']}, {result['mode']}: "
                 f"{_number(result['images_per_second_compiled'])} images/s against "
                 f"{_number(result['images_per_second_kv_cache'])} eager ({result['compiled_over_kv_cache']}x; "
-                f"{result['compiled_over_floor']} of the floor), {_number(result['compile_seconds'])} s tracing")
+                f"{result['compiled_over_floor']} of the floor), {_number(result['compile_seconds'])} s tracing; "
+                f"{result['unique_graphs']} graphs, {result['graph_breaks']} graph breaks, "
+                f"{result['cudagraph_skips']} CUDA-graph skips")
     if name == "ddp":
         return (f"{result['backend']}, world size {result['world_size']}, {result['config']} batch {result['batch']}: "
                 f"gradients match the step without DDP (max difference {result['max_gradient_difference']:.2g})")

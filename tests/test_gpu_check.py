@@ -78,6 +78,8 @@ def test_benchmarks_report_rates_and_no_cpu_mfu(quick_check):
     compiled = parts["compiled_sampling"]["result"]
     assert compiled["images_per_second_compiled"] > 0 and compiled["compile_seconds"] > 0
     assert compiled["mode"] == "default (inductor)" and "images_per_second_no_cache" not in compiled
+    # one trace serves every step: no graph break, no recompile (and no CUDA graph to skip on the CPU)
+    assert (compiled["unique_graphs"], compiled["graph_breaks"], compiled["cudagraph_skips"]) == (1, 0, 0)
 
 
 def test_ddp_step_uses_gloo_without_cuda_and_matches_the_plain_step(quick_check):
