@@ -52,10 +52,11 @@ lint: setup
 
 # On a GPU machine, in at most 8 minutes: the CUDA-marked tests, bf16 throughput and MFU at the paper's sizes,
 # the default pipeline on CUDA, an NCCL DDP step (README "Device check"). No set-up prerequisite: a GPU
-# machine without network runs it with the Python that has the pins, `make gpu-check PY=python3`.
+# machine without network runs it with its own Python (.venv's when there is one, else python3, or PY=...);
+# the check names any pinned package that Python lacks before it starts.
 GPU_CHECK_OUT ?= runs/gpu_check
 gpu-check:
-	$(PY) -m spectralar.gpu_check --out $(GPU_CHECK_OUT)
+	$(if $(wildcard $(PY)),$(PY),python3) -m spectralar.gpu_check --out $(GPU_CHECK_OUT)
 
 # Switch the pipeline to another complete params file (configs/README.md): validate it with the strict
 # loader, then copy it over params.yaml, the file DVC and Snakemake read. `git checkout params.yaml` goes back.
