@@ -176,3 +176,13 @@ def test_the_report_gives_installed_and_pinned_versions(tmp_path):
     assert gpu_check._package_line({"torch": {"installed": "2.11.0+cu130", "pinned": "2.14.1"},
                                     "mlflow": {"installed": None, "pinned": "3.17.2"}}) == \
         "torch 2.11.0+cu130 (pinned 2.14.1), mlflow missing (stages run untracked)"
+
+
+@pytest.mark.parametrize("venv,expected", [("/nonexistent-venv", "python3"), (".venv", ".venv/bin/python")])
+def test_make_gpu_check_uses_the_venv_or_else_python3(venv, expected):
+    """A GPU machine without network has no `make setup` and no .venv: the target falls back to python3."""
+    planned = subprocess.run(["make", "-n", "gpu-check", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
+    if venv == ".venv" and not (REPO / ".venv" / "bin" / "python").exists():
+        expected = "python3"
+    assert planned.strip().splitlines()[-1] == f"{expected} -m spectralar.gpu_check --out runs/gpu_check"
