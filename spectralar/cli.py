@@ -3,8 +3,8 @@
 Light until a stage runs: the parser lists the stages from ``spectralar.stages.STAGE_TABLE`` and
 imports only the chosen stage's module (for its arguments, then its ``run``), so ``--help`` imports no
 stage and a stage's ``--help`` no model or evaluation code. A run reads the params file, whose check
-imports every stage's config class (torch with them), but torch-fidelity, torchvision and timm are
-imported only by the functions that use them.
+imports every stage's config class (torch with them), but torch-fidelity and torchvision are imported
+only by the functions that use them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from spectralar.stages.context import StageBusyError, StageContext, pipeline_tag
 
 
 class StageParser(argparse.ArgumentParser):
-    """One stage's subcommand. The stage's module (which may pull in torch, timm or torch-fidelity)
+    """One stage's subcommand. The stage's module (which may pull in torch or torch-fidelity)
     is imported, to add the stage's own arguments, only when this subcommand is parsed: ``--help``
     and the parser of any other stage stay light."""
 

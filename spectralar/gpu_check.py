@@ -115,12 +115,15 @@ PART_NAMES = tuple(part.name for part in PARTS)
 # What each part imports beyond torch, numpy and PyYAML, by module name -> the distribution pinned in
 # requirements.txt. A GPU machine without network may have a PyTorch of its own but not the project's
 # pins: the check names what is missing before it starts, instead of a part failing minutes in.
-# `cuda_tests` collects every test module (pytest imports them all to find the marked tests).
-_VISION = {"timm": "timm", "torchvision": "torchvision", "PIL": "pillow"}
-_PIPELINE = {**_VISION, "torch_fidelity": "torch-fidelity", "scipy": "scipy", "matplotlib": "matplotlib"}
+# `cuda_tests` collects every test module (pytest imports them all to find the marked tests); timm is
+# only the reference of tests/test_vit.py, which skips without it. The model parts need torch alone,
+# the tokenizer's scipy too: it reads params.yaml, whose loader imports every stage's config class, and
+# the correlation stage's module imports scipy.
+_PIPELINE = {"torchvision": "torchvision", "PIL": "pillow", "torch_fidelity": "torch-fidelity", "scipy": "scipy",
+             "matplotlib": "matplotlib"}
 PART_NEEDS: dict[str, dict[str, str]] = {
     "cuda_tests": {**_PIPELINE, "pytest": "pytest"},
-    "tokenizer_training": _VISION,
+    "tokenizer_training": {"scipy": "scipy"},
     "pipeline": _PIPELINE,
 }
 # Imported if present: without MLflow every stage warns once and runs untracked (timings a little shorter).

@@ -165,6 +165,43 @@ def test_a_missing_package_stops_the_check_before_any_part_and_names_its_pin(tmp
     assert not (tmp_path / "out").exists()  # no part started
 
 
+_BLOCKER = """import sys
+
+
+class _Unimportable:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"{{name}} is blocked for this test")
+
+
+sys.meta_path.insert(0, _Unimportable())
+"""
+
+
+def test_the_model_parts_run_with_only_the_packages_they_list(tmp_path):
+    """PART_NEEDS is all the model parts import beyond torch, numpy and PyYAML: with every other package
+    of requirements.txt unimportable (a sitecustomize the parts' processes inherit) they still run. The
+    tokenizer's part needs scipy alone: its ViT blocks are the project's own, not timm's."""
+    parts = ("tokenizer_training", "generator_training", "generator_sampling", "ddp")
+    listed = {module for part in parts for module in gpu_check.PART_NEEDS.get(part, {})}
+    every = {module for needs in gpu_check.PART_NEEDS.values() for module in needs} | {"timm", "mlflow"}
+    blocked = sorted(every - listed)
+    assert "timm" in blocked and "torchvision" in blocked and "torch_fidelity" in blocked
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCKER.format(blocked=blocked))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked for this test" in probe.stderr  # the blocker is in force
+    result = subprocess.run([sys.executable, "-m", "spectralar.gpu_check", "--quick", "--device", "cpu",
+                             "--out", str(tmp_path / "out"), "--parts", ",".join(parts)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / gpu_check.JSON_NAME).read_text())
+    assert {record["part"]: record["status"] for record in report["parts"]} == dict.fromkeys(parts, "ok"), \
+        result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_the_report_gives_installed_and_pinned_versions(tmp_path):
     report = gpu_check.run_check(gpu_check.Options(out=tmp_path, quick=True, device="cpu", parts=("cuda_tests",)))
     packages = report["meta"]["packages"]
@@ -172,7 +209,7 @@ def test_the_report_gives_installed_and_pinned_versions(tmp_path):
     assert packages["torch-fidelity"]["installed"] is not None and "mlflow" in packages
     line = next(line for line in (tmp_path / gpu_check.MARKDOWN_NAME).read_text().splitlines()
                 if line.startswith("- packages: "))
-    assert line.startswith("- packages: torch ") and "timm " in line
+    assert line.startswith("- packages: torch ") and "torch-fidelity " in line
     assert gpu_check._package_line({"torch": {"installed": "2.11.0+cu130", "pinned": "2.14.1"},
                                     "mlflow": {"installed": None, "pinned": "3.17.2"}}) == \
         "torch 2.11.0+cu130 (pinned 2.14.1), mlflow missing (stages run untracked)"

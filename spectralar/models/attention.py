@@ -1,7 +1,7 @@
 """Which SDPA kernels the models' attention runs on, chosen explicitly per device and kind of call.
 
 Both models call ``torch.nn.functional.scaled_dot_product_attention`` (the generator from its own
-blocks, the tokenizer through timm's ViT blocks) inside ``sdpa_kernel(attention_backends(...))``.
+blocks, the tokenizer from its ViT blocks in vit.py) inside ``sdpa_kernel(attention_backends(...))``.
 
 Preferences (measured on a 2-core AMD EPYC with AVX512-BF16, torch 2.x, README "Benchmarks"):
 * CUDA: flash, then memory-efficient, then math (fp32 with a mask).

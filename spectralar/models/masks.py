@@ -1,7 +1,7 @@
 """Attention masks of the Nested Spectral Tokenizer: the spectral causal mask (paper §3.2).
 
 Convention: boolean, True = the query (row) may attend to the key (column), as in
-`torch.nn.functional.scaled_dot_product_attention` and timm's `Block(attn_mask=...)`.
+`torch.nn.functional.scaled_dot_product_attention` and the ViT blocks' `attn_mask` (vit.py).
 
 "This spectral causal mask restricts each token s_i to only attend to tokens that represent
 lower frequencies" (paper §3.2), in both the encoder E and the decoder D. Beyond what the paper

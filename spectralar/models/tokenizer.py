@@ -24,6 +24,7 @@ from torch.nn.attention import sdpa_kernel
 from spectralar.models.attention import attention_backends
 from spectralar.models.masks import decoder_mask, encoder_mask
 from spectralar.models.quantizer import SpectralTokenQuantizer
+from spectralar.models.vit import Block
 
 
 PREPARED_MANIFEST = "the prepared dataset's manifest (prepare: data.resolution, the images' channels)"
@@ -145,15 +146,7 @@ class TokenizerConfig:
 
 def _vit_blocks(config: TokenizerConfig, depth: int) -> nn.ModuleList:
     """Pre-LN ViT blocks as in ViT-B/TiTok: qkv bias, exact GELU, MLP ratio 4."""
-    # timm is imported here, not at the top: load_params imports this module for TokenizerConfig in
-    # every stage, and timm brings torchvision and torch._dynamo (2 s)
-    from timm.models.vision_transformer import Block
-
-    return nn.ModuleList(
-        Block(dim=config.width, num_heads=config.heads, mlp_ratio=config.mlp_ratio,
-              qkv_bias=True, norm_layer=nn.LayerNorm)
-        for _ in range(depth)
-    )
+    return nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio) for _ in range(depth))
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,6 @@ def stage_info(name: str) -> StageInfo:
 
 
 def load_stage(name: str) -> ModuleType:
-    """The stage's module (imported on demand: it may pull in torch, timm or torch-fidelity)."""
+    """The stage's module (imported on demand: it may pull in torch or torch-fidelity)."""
     stage_info(name)
     return importlib.import_module(f"spectralar.stages.{name}")
