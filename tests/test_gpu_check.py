@@ -217,9 +217,11 @@ def test_the_report_gives_installed_and_pinned_versions(tmp_path):
 
 @pytest.mark.parametrize("venv,expected", [("/nonexistent-venv", "python3"), (".venv", ".venv/bin/python")])
 def test_make_gpu_check_uses_the_venv_or_else_python3(venv, expected):
-    """A GPU machine without network has no `make setup` and no .venv: the target falls back to python3."""
-    planned = subprocess.run(["make", "-n", "gpu-check", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout
+    """A GPU machine without network has no `make setup` and no .venv: the target falls back to python3.
+    Run under `make test`, the inner make would inherit MAKELEVEL and MAKEFLAGS and print its directory."""
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    planned = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", f"VENV={venv}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=True).stdout
     if venv == ".venv" and not (REPO / ".venv" / "bin" / "python").exists():
         expected = "python3"
     assert planned.strip().splitlines()[-1] == f"{expected} -m spectralar.gpu_check --out runs/gpu_check"
