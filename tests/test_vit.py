@@ -111,6 +111,7 @@ def test_the_tokenizer_is_the_same_model_with_timms_blocks(monkeypatch):
     ours_state, reference_state = ours.state_dict(), reference.state_dict()
     assert list(ours_state) == list(reference_state)
     assert all(torch.equal(value, reference_state[name]) for name, value in ours_state.items())
+    ours.load_state_dict(reference_state)  # strict, with timm's module metadata (Identity, Dropout entries)
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     prefixes = torch.tensor([1, 5, 3])
     with torch.no_grad():
