@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spectralar.models.quantizer import float32_region, nearest_code_ids, straight_through_vq
+from spectralar.models.quantizer import nearest_code_ids, straight_through_vq
+from spectralar.spectral.dct import float32_region
 
 logger = logging.getLogger(__name__)
 

@@ -17,24 +17,11 @@ in every method, and moving the proxy's loss to another layout would change its 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast switched off, so quantisation maths stays float32 under mixed precision.
-
-    TiTok quantises in float32: low-precision distances pick wrong codes among thousands of close
-    ones. Devices without autocast (the meta device used for shape checks) get a no-op context.
-    """
-    # CPU and CUDA first: torch.compile cannot trace torch.amp.is_autocast_available in torch 2.11
-    # (a graph break in the compiled tokenizer forward); torch 2.14 can
-    if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+from spectralar.spectral.dct import float32_region
 
 
 def nearest_code_ids(z: torch.Tensor, codebook_KD: torch.Tensor) -> torch.Tensor:

@@ -87,11 +87,16 @@ def _check_image_tensor(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must have at least 2 dims (..., H, W), got {tuple(x.shape)}")
 
 
-def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    # CPU and CUDA without asking: torch.compile cannot trace is_autocast_available in torch 2.11
+def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off, so the maths inside stays in its input dtype under mixed precision: the DCT
+    here, and the quantisers' distances (TiTok quantises in float32: low-precision distances pick wrong
+    codes among thousands of close ones). Devices without autocast (the meta device used for shape
+    checks) get a no-op context."""
+    # CPU and CUDA without asking: torch.compile cannot trace torch.amp.is_autocast_available in torch
+    # 2.11 (a graph break in the compiled tokenizer forward); torch 2.14 can
     if device.type in ("cpu", "cuda") or torch.amp.is_autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()  # e.g. the meta device, where autocast does not exist
+    return contextlib.nullcontext()
 
 
 def _separable_transform(x: Tensor, *, inverse: bool) -> Tensor:
@@ -104,7 +109,7 @@ def _separable_transform(x: Tensor, *, inverse: bool) -> Tensor:
     if inverse:
         basis_HH, basis_WW = basis_HH.T, basis_WW.T
     # Autocast would run these sums in half precision; reconstruction targets need full precision.
-    with _autocast_disabled(x.device):
+    with float32_region(x.device):
         x = x.to(work_dtype)
         out = torch.matmul(basis_HH, x)  # (..., H, W) transform along H
         out = torch.matmul(out, basis_WW.T)  # (..., H, W) transform along W
