@@ -36,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -51,7 +52,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import yaml
 
-from spectralar.io import write_json, write_text
+from spectralar.io import TIMING_SUFFIX, timing_file, write_json, write_text
 from spectralar.log import get_logger, setup_logging
 
 log = get_logger("gpu_check")
@@ -414,7 +415,8 @@ def junit_counts(path: Path) -> dict:
 
 
 # Not copied into the pipeline's temporary project: at its top, outputs, caches, tracking stores,
-# environments (spectralar/data and spectralar/models are code: only the top level is filtered).
+# environments (spectralar/data and spectralar/models are code: only the top level is filtered); anywhere,
+# bytecode and the timing files of earlier runs (the rates in the stage table are this run's).
 _NOT_COPIED = {".git", ".venv", ".dvc", ".snakemake", ".spectralar", ".pytest_cache", "data", "models", "runs", "logs",
                "plots", "samples", "mlruns", "mlartifacts", "mlflow.db", "mlflow.db.lock", "weights"}
 
@@ -426,7 +428,7 @@ def copy_project(source: Path, destination: Path) -> None:
 
     def ignored(folder: str, names: list[str]) -> list[str]:
         top = Path(folder).resolve() == source
-        return [n for n in names if n == "__pycache__" or (top and n in _NOT_COPIED)]
+        return [n for n in names if n == "__pycache__" or n.endswith(TIMING_SUFFIX) or (top and n in _NOT_COPIED)]
 
     shutil.copytree(source, destination, ignore=ignored)
     if (source / "weights").is_dir():
@@ -480,6 +482,20 @@ def _with_upstream(dag, stage: str) -> set[str]:
     return found
 
 
+RATE = re.compile(r"_per_second$|^mfu$")
+
+
+def stage_rates(project: Path, spec) -> dict[str, float]:
+    """The throughputs a stage recorded (``*_per_second`` and ``mfu`` of ``metrics/<stage>.timing.json``, the
+    telemetry beside its metrics file): its images/s, tokens/s, feature extraction's images/s."""
+    rates = {}
+    for metrics in spec.metrics:
+        path = project / timing_file(metrics)
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        rates |= {key: value for key, value in found.items() if RATE.search(key) and isinstance(value, (int, float))}
+    return rates
+
+
 def pipeline(options: Options, device: str, limit_s: float) -> dict:
     """dvc.yaml's stages in dependency order, each command run as DVC runs it, in a fresh copy."""
     from spectralar.dag import load_dag, topological_order
@@ -503,7 +519,8 @@ def pipeline(options: Options, device: str, limit_s: float) -> dict:
                 command[0] = sys.executable
             finished = run_limited(command, deadline - time.perf_counter(), cwd=project, env=_child_env(),
                                    log_file=options.out / "logs" / "pipeline" / f"{name}.log")
-            stages.append({"stage": name, "seconds": finished.seconds, "returncode": finished.returncode})
+            stages.append({"stage": name, "seconds": finished.seconds, "returncode": finished.returncode,
+                           "rates": stage_rates(project, dag[name]) if finished.returncode == 0 else {}})
             if finished.returncode != 0:
                 status = "timeout" if finished.returncode is None else "failed"
                 what = f"killed at the {limit_s:.0f} s limit" if status == "timeout" else _last_line(finished.output)
@@ -688,6 +705,12 @@ def _package_line(packages: dict[str, dict[str, Optional[str]]]) -> str:
     return ", ".join(words) or "—"
 
 
+def _rates(rates: dict[str, float]) -> str:
+    """``images_per_second 242.9, mfu 41.0%``, or a dash."""
+    return ", ".join(f"{key} {value:.1%}" if key == "mfu" else f"{key} {_number(value)}"
+                     for key, value in rates.items()) or "—"
+
+
 def markdown(report: dict) -> str:
     meta = report["meta"]
     titles = {part.name: part.title for part in PARTS}
@@ -709,10 +732,10 @@ def markdown(report: dict) -> str:
     stages = next((r["result"]["stages"] for r in report["parts"]
                    if r["part"] == "pipeline" and r.get("result", {}).get("stages")), None)
     if stages:
-        lines += ["", "Pipeline stages (wall seconds, process start included):", "", "| stage | seconds | exit |",
-                  "|---|---|---|"]
-        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {'killed' if s['returncode'] is None else s['returncode']} |"
-                  for s in stages]
+        lines += ["", "Pipeline stages (wall seconds, process start included; the rates each stage recorded):", "",
+                  "| stage | seconds | exit | rates |", "|---|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {'killed' if s['returncode'] is None else s['returncode']} | "
+                  f"{_rates(s.get('rates', {}))} |" for s in stages]
     lines += ["", f"Logs of every part: `logs/` beside this file; all numbers: `{JSON_NAME}`.", ""]
     return "\n".join(lines)
 

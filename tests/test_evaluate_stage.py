@@ -297,6 +297,8 @@ def test_evaluate_stage_end_to_end(pipeline, monkeypatch):
     written = json.loads((root / "evaluate.json").read_text())
     timing = json.loads((root / "evaluate.timing.json").read_text())
     assert timing["stage_seconds"] > 0 and "stage_seconds" not in written  # telemetry beside the results
+    assert timing["feature_extraction_images_per_second"] > 0 and timing["feature_extraction_seconds"] > 0
+    assert "feature_extraction_images_per_second" not in written
     for key in ("fid", "inception_score", "inception_score_std", "kid", "kid_std", "precision", "recall",
                 "class_accuracy", "feature_extractor", "num_samples", "num_reference", "rfid", "rfid_num_images",
                 "psnr_prefix", "psnr_prefix_vs_full_image", "reconstruction_class_accuracy", "fid_truncated",

@@ -31,6 +31,9 @@ def test_evalnet_and_reference_stats(tiny):
     stats = run("reference_stats", "--data", root / "prepared", "--evalnet", root / "evalnet" / "evalnet.pt",
                 "--out", root / "reference")
     assert stats["num_images"] == 20 and stats["domain"]["feature_dim"] == 16
+    timing = json.loads((root / "reference_stats.timing.json").read_text())  # the extractor's rate: telemetry
+    assert timing["domain_images_per_second"] > 0
+    assert "domain_images_per_second" not in json.loads((root / "reference_stats.json").read_text())
     reference = load_reference(root / "reference" / "domain.npz")
     assert reference["mu"].shape == (16,) and reference["sigma"].dtype == np.float64
     # the reference against itself: FID ~ 0 (the stage output is usable by torch-fidelity's metric code)

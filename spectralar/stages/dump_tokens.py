@@ -12,6 +12,7 @@ file's shape, dtype, size and sha256, which the reader checks).
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,10 @@ def run(ctx) -> dict:
     if vocab > MAX_VOCAB:
         raise ValueError(f"tokenizer codebook_size {vocab} does not fit uint16 token ids (max {MAX_VOCAB})")
     train, val = ImageShards(ctx.args.data, "train"), ImageShards(ctx.args.data, "val")
+    begin = time.perf_counter()
     ids = {split: tokenize_split(codec, shards, cfg.batch_size, device, f"tokenize {split}")
            for split, shards in (("train", train), ("val", val))}
+    seconds = time.perf_counter() - begin  # the ids are on the host: the device's work is done
     manifest = {
         "num_tokens": codec.num_tokens,
         "vocab": vocab,
@@ -86,7 +89,9 @@ def run(ctx) -> dict:
         ctx.write_config(tmp, num_tokens=codec.num_tokens, vocab=vocab)
     ctx.log_outputs(out, (MANIFEST, CONFIG))
     usage = codebook_statistics(torch.from_numpy(ids["train"].astype(np.int64)), vocab)["codebook_usage"]
-    ctx.log.info("tokenized %d train + %d val images into %d tokens each; %.1f%% of %d codes used",
-                 len(train), len(val), codec.num_tokens, 100 * usage, vocab)
+    rate = (len(train) + len(val)) / seconds
+    ctx.log.info("tokenized %d train + %d val images into %d tokens each (%.1f images/s); %.1f%% of %d codes used",
+                 len(train), len(val), codec.num_tokens, rate, 100 * usage, vocab)
     return {"train_images": len(train), "val_images": len(val), "num_tokens": codec.num_tokens,
-            "vocab": vocab, "codebook_usage": round(usage, 4)}
+            "vocab": vocab, "codebook_usage": round(usage, 4),
+            "images_per_second": round(rate, 1)}  # telemetry: the timing file and MLflow, not the metrics

@@ -22,6 +22,7 @@ Outputs under ``--out`` (one directory, atomic): ``generation.csv``, ``truncatio
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -112,12 +113,16 @@ class Scorer:
         self.cfg, self.device = cfg, device
         self.extractor, self.kwargs = extractor_for(cfg.feature_extractor, cfg.inception_weights, evalnet)
         self.domain_kwargs = extractor_for("domain", cfg.inception_weights, evalnet)[1]
+        self.images_embedded, self.embedding_seconds = 0, 0.0  # the configured extractor's throughput
 
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"features", ["logits"], "class_logits"} of uint8 images (N, C, H, W)."""
         from spectralar.evaluation.metrics import extract_features
 
+        begin = time.perf_counter()
         embedded = extract_features(images, self.extractor, self.kwargs, self.cfg.batch_size, self.device)
+        self.embedding_seconds += time.perf_counter() - begin  # features come back on the host: device work done
+        self.images_embedded += len(images)
         if self.cfg.feature_extractor == "domain":
             embedded["class_logits"] = embedded["logits"]
         else:
@@ -301,6 +306,10 @@ def run(ctx) -> dict:
         "class_accuracy_truncated": {str(k): row["class_accuracy"] for k, row in truncation.items()},
         "fid_truncated_num_samples": {str(k): row["num_samples"] for k, row in truncation.items()},
         "paper": PAPER,
+        # telemetry (the timing file and MLflow, not the metrics): the feature extractor's images/s over
+        # every image this stage embedded (samples, truncations, reals, reconstructions), what 50k samples cost
+        "feature_extraction_seconds": round(scorer.embedding_seconds, 3),
+        "feature_extraction_images_per_second": round(scorer.images_embedded / scorer.embedding_seconds, 1),
     }
     tables = {"generation.csv": _csv(generation_rows(metrics, val.manifest.get("source", "?"))),
               "truncation.csv": _csv(truncation_rows(truncation, n)),

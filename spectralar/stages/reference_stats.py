@@ -11,6 +11,7 @@ whose mu/sigma are then used for ``inception`` instead.
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,7 +69,9 @@ def run(ctx) -> dict:
                 metrics["inception"] = {"source": "adm_reference"}
                 continue
             extractor, kwargs = extractor_for(name, cfg.inception_weights, ctx.args.evalnet)
+            begin = time.perf_counter()
             features = extract_features(images, extractor, kwargs, batch_size=cfg.batch_size, device=device)
+            metrics[f"{name}_images_per_second"] = round(count / (time.perf_counter() - begin), 1)  # telemetry
             save_reference(tmp / f"{name}.npz", reference_statistics(features["features"]))
             metrics[name] = {"extractor": extractor, "feature_dim": int(features["features"].shape[1])}
         ctx.write_config(tmp, num_images=count)
