@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -416,7 +415,7 @@ def junit_counts(path: Path) -> dict:
 
 # Not copied into the pipeline's temporary project: at its top, outputs, caches, tracking stores,
 # environments (spectralar/data and spectralar/models are code: only the top level is filtered); anywhere,
-# bytecode and the timing files of earlier runs (the rates in the stage table are this run's).
+# bytecode and the timing files of earlier runs (the stage table's timings are this run's).
 _NOT_COPIED = {".git", ".venv", ".dvc", ".snakemake", ".spectralar", ".pytest_cache", "data", "models", "runs", "logs",
                "plots", "samples", "mlruns", "mlartifacts", "mlflow.db", "mlflow.db.lock", "weights"}
 
@@ -482,18 +481,17 @@ def _with_upstream(dag, stage: str) -> set[str]:
     return found
 
 
-RATE = re.compile(r"_per_second$|^mfu$")
-
-
-def stage_rates(project: Path, spec) -> dict[str, float]:
-    """The throughputs a stage recorded (``*_per_second`` and ``mfu`` of ``metrics/<stage>.timing.json``, the
-    telemetry beside its metrics file): its images/s, tokens/s, feature extraction's images/s."""
-    rates = {}
+def stage_timing(project: Path, spec) -> dict[str, float]:
+    """The numbers in a stage's timing file (``metrics/<stage>.timing.json``: the telemetry ``cli.run_stage``
+    splits from its metrics) but the stage's seconds, which the table has: images/s, tokens/s, MFU,
+    feature extraction's images/s, train seconds, a resume point."""
+    timing = {}
     for metrics in spec.metrics:
         path = project / timing_file(metrics)
         found = json.loads(path.read_text()) if path.is_file() else {}
-        rates |= {key: value for key, value in found.items() if RATE.search(key) and isinstance(value, (int, float))}
-    return rates
+        timing |= {key: value for key, value in found.items()
+                   if key != "stage_seconds" and isinstance(value, (int, float))}
+    return timing
 
 
 def pipeline(options: Options, device: str, limit_s: float) -> dict:
@@ -520,7 +518,7 @@ def pipeline(options: Options, device: str, limit_s: float) -> dict:
             finished = run_limited(command, deadline - time.perf_counter(), cwd=project, env=_child_env(),
                                    log_file=options.out / "logs" / "pipeline" / f"{name}.log")
             stages.append({"stage": name, "seconds": finished.seconds, "returncode": finished.returncode,
-                           "rates": stage_rates(project, dag[name]) if finished.returncode == 0 else {}})
+                           "timing": stage_timing(project, dag[name]) if finished.returncode == 0 else {}})
             if finished.returncode != 0:
                 status = "timeout" if finished.returncode is None else "failed"
                 what = f"killed at the {limit_s:.0f} s limit" if status == "timeout" else _last_line(finished.output)
@@ -705,10 +703,12 @@ def _package_line(packages: dict[str, dict[str, Optional[str]]]) -> str:
     return ", ".join(words) or "—"
 
 
-def _rates(rates: dict[str, float]) -> str:
-    """``images_per_second 242.9, mfu 41.0%``, or a dash."""
-    return ", ".join(f"{key} {value:.1%}" if key == "mfu" else f"{key} {_number(value)}"
-                     for key, value in rates.items()) or "—"
+def _timing(timing: dict[str, float]) -> str:
+    """``images_per_second 242.9, mfu 41.0%, resumed_from_step 0``, or a dash."""
+    def shown(key: str, value: float) -> str:
+        return f"{value:.1%}" if key == "mfu" else _number(value, 0 if isinstance(value, int) else 1)
+
+    return ", ".join(f"{key} {shown(key, value)}" for key, value in timing.items()) or "—"
 
 
 def markdown(report: dict) -> str:
@@ -732,10 +732,11 @@ def markdown(report: dict) -> str:
     stages = next((r["result"]["stages"] for r in report["parts"]
                    if r["part"] == "pipeline" and r.get("result", {}).get("stages")), None)
     if stages:
-        lines += ["", "Pipeline stages (wall seconds, process start included; the rates each stage recorded):", "",
-                  "| stage | seconds | exit | rates |", "|---|---|---|---|"]
+        lines += ["", "Pipeline stages (wall seconds, process start included; the rates and timings each stage "
+                      "recorded in its timing file):", "",
+                  "| stage | seconds | exit | timing file |", "|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.1f} | {'killed' if s['returncode'] is None else s['returncode']} | "
-                  f"{_rates(s.get('rates', {}))} |" for s in stages]
+                  f"{_timing(s['timing'])} |" for s in stages]
     lines += ["", f"Logs of every part: `logs/` beside this file; all numbers: `{JSON_NAME}`.", ""]
     return "\n".join(lines)
 

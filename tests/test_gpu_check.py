@@ -95,19 +95,20 @@ def test_pipeline_runs_the_dvc_commands_in_a_copy(quick_check):
     assert pipeline["device"] == "cpu" and pipeline["total_seconds"] > 0
     assert "prepare.json" in pipeline["metrics_files"]
     assert (out / "logs" / "pipeline" / "prepare.log").is_file()
-    assert pipeline["stages"][0]["rates"]["images_per_second"] > 0  # this run's telemetry (metrics/prepare.timing.json)
+    assert pipeline["stages"][0]["timing"]["images_per_second"] > 0  # this run's metrics/prepare.timing.json
 
 
 def test_the_copy_leaves_out_outputs_bytecode_and_earlier_timings(tmp_path):
-    """A stage's rates in the table come from this run: a timing file of an earlier run in the project
-    is not copied (a stage that fails before writing its own would otherwise show the old rates)."""
+    """A stage's timings in the table come from this run: a timing file of an earlier run in the project
+    is not copied (a stage that fails before writing its own would otherwise show the old numbers)."""
     source = tmp_path / "project"
     for relative in ("params.yaml", "metrics/prepare.json", "metrics/prepare.timing.json", "models/tokenizer.pt",
                      "spectralar/models/gpt.py", "spectralar/models/__pycache__/gpt.cpython-311.pyc"):
         (source / relative).parent.mkdir(parents=True, exist_ok=True)
         (source / relative).write_text("x")
     gpu_check.copy_project(source, tmp_path / "copy")
-    copied = sorted(str(path.relative_to(tmp_path / "copy")) for path in (tmp_path / "copy").rglob("*") if path.is_file())
+    copied = sorted(str(path.relative_to(tmp_path / "copy"))
+                    for path in (tmp_path / "copy").rglob("*") if path.is_file())
     assert copied == ["metrics/prepare.json", "params.yaml", "spectralar/models/gpt.py"]
 
 
@@ -119,7 +120,7 @@ def test_markdown_has_a_row_per_part_with_its_status(quick_check):
         rows = [line for line in text.splitlines() if line.startswith(f"| {part.title} |")]
         assert len(rows) == 1 and f"| {record['status']} |" in rows[0], part.name
     assert "no CUDA device" in text and "images/s with the KV cache" in text and "tokens/s" in text
-    assert "| prepare |" in text  # the pipeline's stage table, with the rates the stage recorded
+    assert "| prepare |" in text  # the pipeline's stage table, with the stage's timing file
     assert next(line for line in text.splitlines() if line.startswith("| prepare |")).count("images_per_second ") == 1
 
 
